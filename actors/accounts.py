@@ -1,0 +1,320 @@
+"""The pooled ChatGPT accounts: the record, the store protocol, and an in-memory store.
+
+An ``Account`` is an immutable snapshot. Stores change one concern at a time
+(tokens, status, cooldown, usage) so that two actors writing different concerns of
+the same account never overwrite each other's work.
+
+Times that are persisted (expiry, cooldown, usage resets) are wall-clock epoch
+seconds; actors compare them against ``time.time()`` passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import json
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class AccountStatus(enum.StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COOLING_DOWN = "cooling_down"
+    REAUTH_REQUIRED = "reauth_required"
+    DEACTIVATED = "deactivated"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenSet:
+    """The OAuth token triple. Never log or serialise this outside the store."""
+
+    access_token: str
+    refresh_token: str
+    id_token: str
+
+    def __repr__(self) -> str:  # keeps tokens out of tracebacks and debug logs
+        return "TokenSet(<redacted>)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageWindow:
+    """One rate-limit window: the 5-hour primary or the weekly secondary."""
+
+    used_percent: float
+    reset_at: float | None = None
+    window_seconds: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "used_percent": self.used_percent,
+            "reset_at": self.reset_at,
+            "window_seconds": self.window_seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> UsageWindow | None:
+        if not data:
+            return None
+        return cls(
+            used_percent=float(data.get("used_percent") or 0.0),
+            reset_at=_opt_float(data.get("reset_at")),
+            window_seconds=_opt_int(data.get("window_seconds")),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    primary: UsageWindow | None = None
+    secondary: UsageWindow | None = None
+    updated_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "primary": self.primary.to_json() if self.primary else None,
+            "secondary": self.secondary.to_json() if self.secondary else None,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Usage:
+        if not data:
+            return cls()
+        return cls(
+            primary=UsageWindow.from_json(data.get("primary")),
+            secondary=UsageWindow.from_json(data.get("secondary")),
+            updated_at=_opt_float(data.get("updated_at")),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Account:
+    """A snapshot of one pooled account."""
+
+    id: str
+    email: str
+    chatgpt_account_id: str
+    chatgpt_user_id: str = ""
+    plan: str = "unknown"
+    status: AccountStatus = AccountStatus.ACTIVE
+    status_reason: str = ""
+    tokens: TokenSet = field(repr=False)
+    access_expires_at: float | None = None
+    last_refresh: float | None = None
+    cooldown_until: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    created_at: float = field(default_factory=time.time)
+
+    def public_json(self, now: float | None = None) -> dict[str, Any]:
+        """The account as the admin API shows it: every field but the tokens."""
+        now = time.time() if now is None else now
+        return {
+            "id": self.id,
+            "email": self.email,
+            "chatgpt_account_id": self.chatgpt_account_id,
+            "plan": self.plan,
+            "status": self.effective_status(now).value,
+            "status_reason": self.status_reason,
+            "access_expires_at": self.access_expires_at,
+            "last_refresh": self.last_refresh,
+            "cooldown_until": self.cooldown_until,
+            "usage": self.usage.to_json(),
+        }
+
+    def effective_status(self, now: float) -> AccountStatus:
+        """ACTIVE accounts inside a cooldown show as COOLING_DOWN."""
+        if (
+            self.status is AccountStatus.ACTIVE
+            and self.cooldown_until is not None
+            and self.cooldown_until > now
+        ):
+            return AccountStatus.COOLING_DOWN
+        return self.status
+
+
+class AccountNotFound(LookupError):
+    def __init__(self, account_id: str) -> None:
+        super().__init__(f"no account with id {account_id!r}")
+        self.account_id = account_id
+
+
+class AccountStore(Protocol):
+    """Where accounts live. Every method is async; writes are durable when they return."""
+
+    async def list_accounts(self) -> list[Account]: ...
+
+    async def get(self, account_id: str) -> Account:
+        """Raise AccountNotFound if there is no such account."""
+        ...
+
+    async def upsert(self, account: Account) -> tuple[Account, bool]:
+        """Add an account, or update the one with the same (chatgpt_account_id, email).
+
+        Returns the stored account and whether it was newly created. An update keeps
+        the existing id and replaces tokens, plan and identity fields, and sets the
+        status back to ACTIVE.
+        """
+        ...
+
+    async def save_tokens(
+        self,
+        account_id: str,
+        tokens: TokenSet,
+        *,
+        access_expires_at: float | None,
+        last_refresh: float,
+        plan: str | None = None,
+    ) -> Account:
+        """Persist a new token triple durably before returning."""
+        ...
+
+    async def set_status(
+        self, account_id: str, status: AccountStatus, reason: str = ""
+    ) -> Account: ...
+
+    async def set_cooldown(self, account_id: str, until: float | None) -> Account: ...
+
+    async def set_usage(self, account_id: str, usage: Usage) -> Account: ...
+
+    async def remove(self, account_id: str) -> None: ...
+
+
+def new_account_id() -> str:
+    return "acc_" + secrets.token_hex(6)
+
+
+class InMemoryAccountStore:
+    """An AccountStore kept in a dict: for embedding and tests. Nothing survives a restart."""
+
+    def __init__(self, accounts: Iterable[Account] = ()) -> None:
+        self._accounts: dict[str, Account] = {a.id: a for a in accounts}
+
+    async def list_accounts(self) -> list[Account]:
+        return sorted(self._accounts.values(), key=lambda a: a.created_at)
+
+    async def get(self, account_id: str) -> Account:
+        try:
+            return self._accounts[account_id]
+        except KeyError:
+            raise AccountNotFound(account_id) from None
+
+    async def upsert(self, account: Account) -> tuple[Account, bool]:
+        for existing in self._accounts.values():
+            if (existing.chatgpt_account_id, existing.email) == (
+                account.chatgpt_account_id,
+                account.email,
+            ):
+                updated = dataclasses.replace(
+                    existing,
+                    chatgpt_user_id=account.chatgpt_user_id,
+                    plan=account.plan,
+                    tokens=account.tokens,
+                    access_expires_at=account.access_expires_at,
+                    last_refresh=account.last_refresh,
+                    status=AccountStatus.ACTIVE,
+                    status_reason="",
+                )
+                self._accounts[existing.id] = updated
+                return updated, False
+        self._accounts[account.id] = account
+        return account, True
+
+    def _change(self, account_id: str, **changes: Any) -> Account:
+        try:
+            current = self._accounts[account_id]
+        except KeyError:
+            raise AccountNotFound(account_id) from None
+        updated = dataclasses.replace(current, **changes)
+        self._accounts[account_id] = updated
+        return updated
+
+    async def save_tokens(
+        self,
+        account_id: str,
+        tokens: TokenSet,
+        *,
+        access_expires_at: float | None,
+        last_refresh: float,
+        plan: str | None = None,
+    ) -> Account:
+        changes: dict[str, Any] = {
+            "tokens": tokens,
+            "access_expires_at": access_expires_at,
+            "last_refresh": last_refresh,
+        }
+        if plan:
+            changes["plan"] = plan
+        return self._change(account_id, **changes)
+
+    async def set_status(
+        self, account_id: str, status: AccountStatus, reason: str = ""
+    ) -> Account:
+        return self._change(account_id, status=status, status_reason=reason)
+
+    async def set_cooldown(self, account_id: str, until: float | None) -> Account:
+        return self._change(account_id, cooldown_until=until)
+
+    async def set_usage(self, account_id: str, usage: Usage) -> Account:
+        return self._change(account_id, usage=usage)
+
+    async def remove(self, account_id: str) -> None:
+        if self._accounts.pop(account_id, None) is None:
+            raise AccountNotFound(account_id)
+
+
+# --- JWT claims (no signature check: the tokens came from the upstream over TLS) ---
+
+AUTH_CLAIMS_NAMESPACE = "https://api.openai.com/auth"
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """Decode a JWT's payload. Returns {} for anything that is not a readable JWT."""
+    parts = token.split(".")
+    if len(parts) < 2:
+        return {}
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+    except (ValueError, UnicodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """What the id_token says about who the account is."""
+
+    email: str
+    chatgpt_account_id: str
+    chatgpt_user_id: str
+    plan: str
+
+
+def identity_from_id_token(id_token: str, *, fallback_account_id: str = "") -> Identity:
+    claims = jwt_claims(id_token)
+    auth = claims.get(AUTH_CLAIMS_NAMESPACE)
+    auth = auth if isinstance(auth, dict) else {}
+    return Identity(
+        email=str(claims.get("email") or ""),
+        chatgpt_account_id=str(auth.get("chatgpt_account_id") or fallback_account_id or ""),
+        chatgpt_user_id=str(auth.get("chatgpt_user_id") or auth.get("user_id") or ""),
+        plan=str(auth.get("chatgpt_plan_type") or "unknown"),
+    )
+
+
+def token_expiry(access_token: str) -> float | None:
+    """The access token's ``exp`` claim, the best signal of when to refresh."""
+    exp = jwt_claims(access_token).get("exp")
+    return float(exp) if isinstance(exp, int | float) else None
+
+
+def _opt_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) else None
