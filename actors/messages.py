@@ -1,0 +1,224 @@
+"""Every message an actor accepts, every reply, and the request/reply plumbing.
+
+A request carries ``reply``: the send end of a per-request channel of size 1. The
+actor answers with ``send_nowait`` (a value, or a CodexLBError instance to raise in
+the caller) and closes it. If the actor dies while holding the request, the ``with
+msg.reply:`` around its handling closes the channel unanswered and the caller gets
+ActorUnavailable at once instead of waiting for its deadline.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from actors.errors import ActorUnavailable, CodexLBError
+
+if TYPE_CHECKING:
+    import httpx
+
+    from actors.accounts import Account, TokenSet, Usage
+
+T = TypeVar("T")
+
+DEFAULT_CALL_TIMEOUT = 30.0
+
+
+class RotationReason(enum.StrEnum):
+    NETWORK_CHANGE = "network-change"
+    WAKE = "wake"
+    ADMIN = "admin"
+    TRANSPORT = "transport"
+
+
+# A route change or a wake proves the old path dead without any request failing.
+DEAD_PATH_REASONS = frozenset({RotationReason.NETWORK_CHANGE, RotationReason.WAKE})
+
+
+# --- ClientManager --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acquire:
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    generation: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rotate:
+    seen_generation: int | None
+    reason: RotationReason
+    path_dead: bool
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetClientStats:
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownClients:
+    reply: trio.MemorySendChannel[Any]
+
+
+ClientManagerMessage = Acquire | Rotate | GetClientStats | ShutdownClients
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientStats:
+    generation: int
+    leases: dict[int, int]
+    retired: tuple[int, ...]
+    rotations: dict[str, int]
+    force_closes: int
+    rotation_failures: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "leases": {str(k): v for k, v in self.leases.items()},
+            "retired": list(self.retired),
+            "rotations": dict(self.rotations),
+            "force_closes": self.force_closes,
+            "rotation_failures": self.rotation_failures,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseGrant:
+    """What the manager hands out for one acquire; the handle wraps it in a Lease."""
+
+    generation: int
+    client: httpx.AsyncClient
+    path_dead: trio.Event
+
+
+# --- TokenRefresher -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnsureFresh:
+    account_id: str
+    force: bool
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefreshDone:
+    """A refresh task's outcome, sent back to the refresher's own inbox."""
+
+    account_id: str
+    result: Any  # TokenSet or CodexLBError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownRefresher:
+    reply: trio.MemorySendChannel[Any]
+
+
+TokenRefresherMessage = EnsureFresh | RefreshDone | ShutdownRefresher
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FreshTokens:
+    account: Account
+    tokens: TokenSet
+
+
+# --- RefreshScheduler -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefreshNow:
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetCatalog:
+    reply: trio.MemorySendChannel[Any]
+
+
+RefreshSchedulerMessage = RefreshNow | GetCatalog
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Catalog:
+    """The model catalog: raw model JSON per plan, and when it was fetched."""
+
+    models: tuple[dict[str, Any], ...]
+    fetched_at: float
+    by_plan: dict[str, tuple[dict[str, Any], ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageUpdate:
+    account_id: str
+    usage: Usage
+
+
+# --- request / reply ----------------------------------------------------------------
+
+
+async def call(
+    inbox: trio.MemorySendChannel[Any],
+    make: Callable[[trio.MemorySendChannel[Any]], Any],
+    *,
+    actor: str,
+    timeout: float = DEFAULT_CALL_TIMEOUT,
+    on_abandoned: Callable[[Any], None] | None = None,
+) -> Any:
+    """Send ``make(reply)`` to an actor and wait for its answer.
+
+    Raises ActorUnavailable if the actor is shut down, dies holding the request, or
+    does not answer within ``timeout``; raises the CodexLBError the actor replied with.
+    Cancel-safe: a cancelled caller leaves the actor to answer into a closed channel,
+    which it ignores. ``on_abandoned`` receives an answer that arrived but was never
+    delivered because the caller was cancelled (e.g. to give back a lease).
+    """
+    reply_send, reply_recv = trio.open_memory_channel[Any](1)
+    delivered = False
+    with reply_recv:
+        try:
+            with reply_send:
+                # The message owns the only open clone of the send end.
+                message = make(reply_send.clone())
+            with trio.fail_after(timeout):
+                await inbox.send(message)
+                result = await reply_recv.receive()
+                delivered = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorUnavailable(f"the {actor} is shut down") from None
+        except trio.EndOfChannel:
+            raise ActorUnavailable(f"the {actor} stopped before answering") from None
+        except trio.TooSlowError:
+            raise ActorUnavailable(f"the {actor} did not answer within {timeout:g}s") from None
+        finally:
+            if not delivered and on_abandoned is not None:
+                try:
+                    on_abandoned(reply_recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    pass
+    if isinstance(result, CodexLBError):
+        raise result
+    return result
+
+
+def answer(reply: trio.MemorySendChannel[Any], value: Any) -> bool:
+    """Reply to a request; a caller that gave up (closed its end) is not an error.
+
+    Returns whether the answer was handed over.
+    """
+    try:
+        reply.send_nowait(value)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        return False
+    return True
