@@ -1,0 +1,155 @@
+"""The Quart routes: a thin layer over the actor handles.
+
+Every error a client can see is JSON in OpenAI's shape; no traceback ever leaves.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from quart import Quart, Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from actors.errors import ActorUnavailable, ClientError, CodexLBError, openai_error_body
+from actors.messages import ClientStats, RotationReason
+from actors.supervisor import Engine
+from service.config import Config, hash_api_key
+
+log = logging.getLogger("codex_lb_trio.app")
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def error_response(err: CodexLBError) -> Response:
+    return json_response(openai_error_body(err), err.http_status)
+
+
+def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
+    app = QuartTrio("codex_lb_trio")
+    app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+    app.config["BODY_TIMEOUT"] = None
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    key_digests = config.api_key_digests
+    started_at = time.time()
+
+    @app.before_request
+    async def check_api_key() -> Response | None:
+        if not key_digests or request.path in OPEN_PATHS:
+            return None
+        return _refuse_without_key(request.headers.get("authorization", ""), key_digests)
+
+    @app.before_websocket
+    async def check_ws_api_key() -> Response | None:
+        from quart import websocket
+
+        if not key_digests:
+            return None
+        return _refuse_without_key(websocket.headers.get("authorization", ""), key_digests)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        messages = {
+            404: f"no route for {request.method} {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"request body larger than {config.server.max_body_bytes} bytes "
+            "(raise server.max_body_bytes to allow it)",
+        }
+        err = ClientError(messages.get(status, exc.description or exc.name), status=status)
+        err.code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            status, "invalid_request_error"
+        )
+        return error_response(err)
+
+    @app.errorhandler(CodexLBError)
+    async def engine_error(exc: CodexLBError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+        return json_response(
+            {"error": {"message": "internal error (see the server log)", "type": "server_error",
+                       "code": "internal_error"}},
+            500,
+        )
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            stats = await engine.clients.stats()
+        except ActorUnavailable as exc:
+            return json_response({"status": "unavailable", "reason": str(exc)}, 503)
+        return json_response(
+            {"status": "ok", "generation": stats.generation, "uptime_seconds": round(time.time() - started_at, 1)}
+        )
+
+    @app.get("/api/clients")
+    async def clients_stats() -> Response:
+        return json_response((await engine.clients.stats()).to_json())
+
+    @app.post("/api/clients/rotate")
+    async def clients_rotate() -> Response:
+        body = await request.get_json(force=True, silent=True) if await request.get_data() else None
+        seen = body.get("seen_generation") if isinstance(body, dict) else None
+        if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool)):
+            raise ClientError("seen_generation must be an integer", param="seen_generation")
+        before = (await engine.clients.stats()).generation
+        generation = await engine.clients.rotate(seen_generation=seen, reason=RotationReason.ADMIN)
+        return json_response({"previous_generation": before, "generation": generation,
+                              "rotated": generation != before})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats = await engine.clients.stats()
+        return Response(render_metrics(stats), content_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _refuse_without_key(authorization: str, key_digests: frozenset[str]) -> Response | None:
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        digest = hash_api_key(token.strip())
+        if any(hmac.compare_digest(digest, known) for known in key_digests):
+            return None
+    err = ClientError("missing or wrong proxy API key: send Authorization: Bearer <key>", status=401)
+    err.code = "invalid_api_key"
+    return error_response(err)
+
+
+def render_metrics(stats: ClientStats) -> str:
+    """Prometheus text exposition of the client stats."""
+    lines = [
+        "# HELP codex_lb_client_generation Current upstream client generation.",
+        "# TYPE codex_lb_client_generation gauge",
+        f"codex_lb_client_generation {stats.generation}",
+        "# HELP codex_lb_client_leases Leases held per live client generation.",
+        "# TYPE codex_lb_client_leases gauge",
+    ]
+    lines += [f'codex_lb_client_leases{{generation="{g}"}} {n}' for g, n in stats.leases.items()]
+    lines += [
+        "# HELP codex_lb_client_rotations_total Client rotations by reason.",
+        "# TYPE codex_lb_client_rotations_total counter",
+    ]
+    reasons = {r.value: 0 for r in RotationReason} | stats.rotations
+    lines += [f'codex_lb_client_rotations_total{{reason="{r}"}} {n}' for r, n in reasons.items()]
+    lines += [
+        "# HELP codex_lb_client_force_closes_total Retired generations closed under a holder.",
+        "# TYPE codex_lb_client_force_closes_total counter",
+        f"codex_lb_client_force_closes_total {stats.force_closes}",
+        "# HELP codex_lb_client_rotation_failures_total Rotations that could not build a client.",
+        "# TYPE codex_lb_client_rotation_failures_total counter",
+        f"codex_lb_client_rotation_failures_total {stats.rotation_failures}",
+    ]
+    return "\n".join(lines) + "\n"
