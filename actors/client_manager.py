@@ -49,6 +49,7 @@ from actors.messages import (
     ShutdownClients,
     answer,
     call,
+    close_inbox,
 )
 
 log = logging.getLogger("codex_lb_trio.clients")
@@ -363,6 +364,10 @@ class ClientManager:
         self._current: _Generation | None = None
         self._last_rotation = -math.inf
         self._closing = False
+
+    def close(self) -> None:
+        """The actor is gone for good: queued and later requests fail at once."""
+        close_inbox(self._inbox_recv)
 
     def handle(self) -> ClientHandle:
         return ClientHandle(self._inbox_send.clone(), self._release_send.clone(), self.settings)

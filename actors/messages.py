@@ -110,6 +110,9 @@ class EnsureFresh:
     account_id: str
     force: bool
     reply: trio.MemorySendChannel[Any]
+    # False: a transport failure is answered as is, without rotating the client; the
+    # caller (the RefreshScheduler) owns the rotation budget of its failover cycle.
+    rotate_on_transport: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,15 +142,24 @@ class FreshTokens:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RefreshNow:
+    """Run a model refresh, then a usage sweep, both started after this request."""
+
     reply: trio.MemorySendChannel[Any]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetCatalog:
+    # True: with no catalog yet, fetch one (or join the fetch under way) and answer it.
+    fetch_if_missing: bool
     reply: trio.MemorySendChannel[Any]
 
 
-RefreshSchedulerMessage = RefreshNow | GetCatalog
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownScheduler:
+    reply: trio.MemorySendChannel[Any]
+
+
+RefreshSchedulerMessage = RefreshNow | GetCatalog | ShutdownScheduler
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,3 +234,16 @@ def answer(reply: trio.MemorySendChannel[Any], value: Any) -> bool:
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
         return False
     return True
+
+
+def close_inbox(inbox: trio.MemoryReceiveChannel[Any]) -> None:
+    """Close an actor's inbox for good, telling every queued request's caller at once."""
+    while True:
+        try:
+            message = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            break
+        reply = getattr(message, "reply", None)
+        if reply is not None:
+            reply.close()
+    inbox.close()

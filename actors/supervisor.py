@@ -22,13 +22,17 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from actors.client_manager import ClientFactory, ClientHandle, ClientManager, ClientSettings
+from actors.accounts import AccountStore, InMemoryAccountStore
 from actors.network import NetworkWatcher, RouteProbe, WallClock, route_probe_for
+from actors.proxy_handler import ProxyHandle, ProxyHandler, ProxySettings
+from actors.token_refresher import RefreshSettings, TokenHandle, TokenRefresher
 
 log = logging.getLogger("codex_lb_trio.supervisor")
 
@@ -52,13 +56,29 @@ async def supervise(
     run: Callable[..., Awaitable[Any]],
     policy: SupervisionPolicy = SupervisionPolicy(),
     *,
+    on_exit: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``run(task_status=...)`` and restart it when it crashes.
 
     The first incarnation's start value (the actor's handle) is reported once. A
     failure before the first start is not retried: the engine cannot start.
+    ``on_exit`` runs when the actor is gone for good (stopped, cancelled, or given
+    up on), typically closing its inbox so callers fail at once instead of waiting.
     """
+    try:
+        await _supervise(name, run, policy, task_status)
+    finally:
+        if on_exit is not None:
+            on_exit()
+
+
+async def _supervise(
+    name: str,
+    run: Callable[..., Awaitable[Any]],
+    policy: SupervisionPolicy,
+    task_status: trio.TaskStatus[Any],
+) -> None:
     crashes: deque[float] = deque()
     backoff = policy.backoff_initial
     started = False
@@ -104,13 +124,16 @@ class Engine:
     """The handles of the running actors: what embedding code talks to."""
 
     clients: ClientHandle
+    tokens: TokenHandle
+    proxy: ProxyHandle
+    store: AccountStore
     network: NetworkWatcher | None
 
 
 @asynccontextmanager
 async def open_actors(
     config: Any,
-    store: Any = None,
+    store: AccountStore | None = None,
     *,
     client_factory: ClientFactory | None = None,
     route_probe: RouteProbe | None = None,
@@ -120,13 +143,17 @@ async def open_actors(
 ) -> AsyncIterator[Engine]:
     """Start the actors for ``config`` (a service.config.Config) and yield their handles.
 
-    On exit the actors stop in order: the clients drain their leases for up to
+    ``store`` defaults to an in-memory store (nothing persisted); the standalone
+    server passes its SQLite store. On exit the actors stop in order: the clients drain their leases for up to
     ``client.shutdown_grace`` seconds, then everything is cancelled.
     """
     settings = ClientSettings.from_config(config)
+    store = store if store is not None else InMemoryAccountStore()
     async with trio.open_nursery() as nursery:
         manager = ClientManager(settings, client_factory=client_factory)
-        clients: ClientHandle = await nursery.start(supervise, "client manager", manager.run, policy)
+        clients: ClientHandle = await nursery.start(
+            partial(supervise, "client manager", manager.run, policy, on_exit=manager.close)
+        )
         watcher: NetworkWatcher | None = None
         if watch_network:
             watcher = NetworkWatcher(
@@ -137,10 +164,27 @@ async def open_actors(
                 wake_threshold=config.client.wake_threshold,
             )
             await nursery.start(supervise, "network watcher", watcher.run, policy)
-        engine = Engine(clients=clients, network=watcher)
+        refresher = TokenRefresher(
+            store=store, clients=clients, settings=RefreshSettings.from_config(config),
+            wall_clock=wall_clock,
+        )
+        tokens: TokenHandle = await nursery.start(
+            partial(supervise, "token refresher", refresher.run, policy, on_exit=refresher.close)
+        )
+        proxy_handler = ProxyHandler(
+            store=store, clients=clients, tokens=tokens,
+            settings=ProxySettings.from_config(config), wall_clock=wall_clock,
+        )
+        proxy: ProxyHandle = await nursery.start(
+            partial(supervise, "proxy handler", proxy_handler.run, policy, on_exit=proxy_handler.close)
+        )
+        engine = Engine(clients=clients, tokens=tokens, proxy=proxy, store=store, network=watcher)
         try:
             yield engine
         finally:
+            # Token writes first (nothing lost), then the clients drain their leases.
+            with trio.move_on_after(STOP_GRACE * 12, shield=True):
+                await tokens.shutdown()
             with trio.move_on_after(settings.shutdown_grace + 2 * STOP_GRACE, shield=True):
                 await clients.shutdown()
             nursery.cancel_scope.cancel()

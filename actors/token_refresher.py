@@ -13,7 +13,9 @@
 * Failures go through ``errors.classify``: a permanent code marks the account
   ``reauth_required``/``deactivated`` and is never retried; a transport failure
   rotates the client (compare-and-swap on the lease's generation) and retries once on
-  the new generation; anything else backs off with the status unchanged.
+  the new generation, unless every caller waiting for that refresh asked
+  ``rotate_on_transport=False`` (a caller that keeps its own rotation budget); anything
+  else backs off with the status unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from actors.messages import (
     TokenRefresherMessage,
     answer,
     call,
+    close_inbox,
 )
 
 log = logging.getLogger("codex_lb_trio.tokens")
@@ -95,16 +98,23 @@ class TokenHandle:
         self._inbox = inbox
         self._timeout = timeout
 
-    async def ensure_fresh(self, account_id: str, *, force: bool = False) -> FreshTokens:
+    async def ensure_fresh(
+        self, account_id: str, *, force: bool = False, rotate_on_transport: bool = True
+    ) -> FreshTokens:
         """The account with tokens valid for at least the margin (refreshed if needed).
 
         Raises PermanentAuth if the account needs a new login, TransportError if the
         auth server could not be reached even after one rotation, other CodexLBErrors
-        for other failures.
+        for other failures. With ``rotate_on_transport=False`` the first transport
+        failure is raised as is (its ``generation`` says which client failed) and the
+        caller decides whether to rotate; a refresh shared with a caller that does want
+        the rotation still rotates. Cancel-safe: a cancelled caller leaves the refresh
+        running for the others.
         """
         result: FreshTokens = await call(
             self._inbox,
-            lambda r: EnsureFresh(account_id=account_id, force=force, reply=r),
+            lambda r: EnsureFresh(account_id=account_id, force=force, reply=r,
+                                  rotate_on_transport=rotate_on_transport),
             actor="token refresher",
             timeout=self._timeout,
         )
@@ -139,10 +149,16 @@ class TokenRefresher:
             INBOX_SIZE
         )
         self._waiters: dict[str, list[trio.MemorySendChannel[Any]]] = {}
+        # Per refresh in flight: may a transport failure rotate the client and retry?
+        self._may_rotate: dict[str, bool] = {}
         self._next_slot = -float("inf")
         self._jitter: dict[tuple[str, float | None], float] = {}
         self._retry_at: dict[str, tuple[float, float]] = {}  # account -> (trio time, backoff)
         self.refreshes = 0  # upstream refresh calls that got an answer
+
+    def close(self) -> None:
+        """The actor is gone for good: queued and later requests fail at once."""
+        close_inbox(self._inbox_recv)
 
     def handle(self) -> TokenHandle:
         timeout = EXCHANGE_BOUND * 2 + self.settings.spacing * 16
@@ -175,6 +191,7 @@ class TokenRefresher:
                 for reply in waiters:
                     reply.close()
             self._waiters.clear()
+            self._may_rotate.clear()
 
     async def _finish_exchanges(self) -> None:
         """Let exchanges under way write their tokens; refuse new requests meanwhile."""
@@ -195,6 +212,8 @@ class TokenRefresher:
     async def _on_ensure_fresh(self, message: EnsureFresh) -> None:
         if message.account_id in self._waiters:
             self._waiters[message.account_id].append(message.reply)
+            if message.rotate_on_transport:
+                self._may_rotate[message.account_id] = True
             return
         try:
             account = await self._store.get(message.account_id)
@@ -212,16 +231,24 @@ class TokenRefresher:
             with message.reply:
                 answer(message.reply, FreshTokens(account=account, tokens=account.tokens))
             return
-        self._start_refresh(account, [message.reply])
+        self._start_refresh(account, [message.reply], may_rotate=message.rotate_on_transport)
 
-    def _start_refresh(self, account: Account, waiters: list[trio.MemorySendChannel[Any]]) -> None:
+    def _start_refresh(
+        self,
+        account: Account,
+        waiters: list[trio.MemorySendChannel[Any]],
+        *,
+        may_rotate: bool = True,
+    ) -> None:
         self._waiters[account.id] = waiters
+        self._may_rotate[account.id] = may_rotate
         now = trio.current_time()
         slot = max(now, self._next_slot)
         self._next_slot = slot + self.settings.spacing
         self._nursery.start_soon(self._refresh_task, account, slot)
 
     def _on_done(self, done: RefreshDone) -> None:
+        self._may_rotate.pop(done.account_id, None)
         for reply in self._waiters.pop(done.account_id, []):
             with reply:
                 answer(reply, done.result)
@@ -255,6 +282,11 @@ class TokenRefresher:
                     if rotated:
                         log.warning("token refresh account=%s error=transport retry=failed "
                                     "generation=%d: %s", account.id, lease.generation, exc.message)
+                        raise
+                    if not self._may_rotate.get(account.id, True):
+                        log.debug("token refresh account=%s error=transport generation=%d "
+                                  "(the caller rotates): %s", account.id, lease.generation,
+                                  exc.message)
                         raise
                     seen, path_dead = lease.generation, exc.path_dead
             rotated = True

@@ -15,10 +15,14 @@ from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from actors.accounts import AccountNotFound, AccountStatus
 from actors.errors import ActorUnavailable, ClientError, CodexLBError, openai_error_body
 from actors.messages import ClientStats, RotationReason
+from actors.proxy_handler import PassThrough
 from actors.supervisor import Engine
 from service.config import Config, hash_api_key
+from service.login import LoginError, import_auth_data
+from service.surfaces import json_body, register_surfaces
 
 log = logging.getLogger("codex_lb_trio.app")
 
@@ -75,6 +79,16 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
     async def engine_error(exc: CodexLBError) -> Response:
         return error_response(exc)
 
+    @app.errorhandler(PassThrough)
+    async def upstream_rejected(exc: PassThrough) -> Response:
+        return Response(exc.body, status=exc.http_status, content_type=exc.content_type)
+
+    @app.errorhandler(AccountNotFound)
+    async def no_such_account(exc: AccountNotFound) -> Response:
+        err = ClientError(str(exc), status=404)
+        err.code = "account_not_found"
+        return error_response(err)
+
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
@@ -109,11 +123,49 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
         return json_response({"previous_generation": before, "generation": generation,
                               "rotated": generation != before})
 
+    @app.get("/api/accounts")
+    async def accounts_list() -> Response:
+        now = time.time()
+        accounts = await engine.store.list_accounts()
+        return json_response({"accounts": [a.public_json(now) for a in accounts]})
+
+    @app.post("/api/accounts/import")
+    async def accounts_import() -> Response:
+        data = await json_body()
+        try:
+            result = await import_auth_data(engine.store, data)
+        except LoginError as exc:
+            raise ClientError(str(exc)) from None
+        return json_response({"account": result.account.public_json(), "created": result.created,
+                              "warning": result.warning}, 201 if result.created else 200)
+
+    @app.post("/api/accounts/<account_id>/refresh")
+    async def accounts_refresh(account_id: str) -> Response:
+        fresh = await engine.tokens.ensure_fresh(account_id, force=True)
+        return json_response({"account": fresh.account.public_json()})
+
+    @app.post("/api/accounts/<account_id>/<action>")
+    async def accounts_action(account_id: str, action: str) -> Response:
+        if action == "pause":
+            account = await engine.store.set_status(account_id, AccountStatus.PAUSED)
+        elif action == "resume":
+            account = await engine.store.set_status(account_id, AccountStatus.ACTIVE)
+        else:
+            raise ClientError(f"unknown account action {action!r}: use pause, resume or refresh",
+                              status=404)
+        return json_response({"account": account.public_json()})
+
+    @app.delete("/api/accounts/<account_id>")
+    async def accounts_remove(account_id: str) -> Response:
+        await engine.store.remove(account_id)
+        return json_response({"removed": account_id})
+
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = await engine.clients.stats()
         return Response(render_metrics(stats), content_type="text/plain; version=0.0.4")
 
+    register_surfaces(app, engine, config)
     return app
 
 

@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from actors.supervisor import open_actors
+from actors.supervisor import Engine, open_actors
 from service.app import create_app
 from service.config import Config, ConfigError
 
@@ -59,15 +59,16 @@ async def serve(
     handle_signals: bool = True,
     store: Any = None,
     engine_options: dict[str, Any] | None = None,
-    on_listening: Callable[[list[str]], None] | None = None,
+    on_listening: Callable[[list[str], Engine], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until ``shutdown`` is set or a signal arrives.
 
-    Reports the bound URLs through ``task_status.started()``.
+    Reports the bound URLs through ``task_status.started()``; ``on_listening`` also
+    gets the engine (embedding code and tests use it to read actor stats).
     """
     check_exposure(config)
-    shutdown = shutdown or trio.Event()
+    shutdown = shutdown if shutdown is not None else trio.Event()
     async with AsyncExitStack() as stack:
         if store is None:
             store = await open_default_store(config)
@@ -93,7 +94,7 @@ async def serve(
                 )
                 log.info("codex-lb-trio listening on %s", " ".join(urls))
                 if on_listening is not None:
-                    on_listening(urls)
+                    on_listening(urls, engine)
                 task_status.started(urls)
             outer.cancel_scope.cancel()
         log.info("requests drained; stopping actors")

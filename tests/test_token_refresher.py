@@ -234,3 +234,22 @@ async def test_tokens_never_logged(autojump_clock, caplog):
     assert "token refreshed account=acc_1" in caplog.text
     for secret in (fresh.tokens.access_token, fresh.tokens.refresh_token, fresh.tokens.id_token, "rt-0"):
         assert secret not in caplog.text
+
+
+async def test_rotate_on_transport_false_raises_without_rotating(autojump_clock):
+    endpoint = TokenEndpoint()
+    endpoint.fail_next = ["transport"]
+    store = InMemoryAccountStore([account(wall() + 60)])
+    async with trio.open_nursery() as nursery:
+        clients, tokens, _ = await start(nursery, endpoint, store, background=False)
+        with pytest.raises(TransportError) as info:
+            await tokens.ensure_fresh("acc_1", rotate_on_transport=False)
+        assert info.value.generation == 1  # the caller needs it to rotate by itself
+        assert endpoint.calls == 1  # no retry behind the caller's back
+        stats = await clients.stats()
+        assert (stats.generation, stats.rotations) == (1, {})
+        # The caller rotates and asks again: the refresh goes through on generation 2.
+        await clients.rotate(seen_generation=info.value.generation)
+        fresh = await tokens.ensure_fresh("acc_1", rotate_on_transport=False)
+        assert fresh.tokens.refresh_token == "rt-1"
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,534 @@
+"""The ProxyHandler actor: one client request → one upstream exchange, with failover.
+
+``forward(request)`` answers an ``Exchange``: the upstream status and headers, and
+for streams a receive channel of SSE events (small buffer: a slow client slows the
+upstream read, never the other way round). Each request is a task in this actor's
+nursery and holds one client lease for its whole life.
+
+Before the first byte reaches the client a request may be retried:
+
+* 429 / quota  → the account cools down until ``resets_at`` (or ``default_cooldown``);
+  fail over to another account;
+* 401          → forced token refresh, one retry on the same account, then fail over;
+* 5xx          → fail over;
+* transport failure before dispatch → ``rotate(seen_generation=lease.generation)`` and
+  one retry on the same account, not held against it.
+
+The first events of a 200 stream are held back until the upstream shows it is
+really answering, so a ``response.failed`` carrying a rate-limit code fails over too.
+After the first byte nothing is replayed: failures end the stream with a terminal
+``response.failed`` that says what happened. A silent upstream ends the same way
+(the lease's idle timeout), so a client never hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, assert_never
+
+import httpx
+import trio
+
+from actors import balancer
+from actors.accounts import AccountStore, Usage
+from actors.client_manager import ClientHandle, Lease
+from actors.errors import (
+    ActorUnavailable,
+    AuthExpired,
+    ClientError,
+    CodexLBError,
+    InvalidResponse,
+    PermanentAuth,
+    Phase,
+    QuotaExceeded,
+    RateLimited,
+    ServerError,
+    TransportError,
+    UpstreamError,
+    classify,
+)
+from actors.messages import RotationReason, answer, call, close_inbox
+from actors.token_refresher import TokenHandle
+from actors.upstream import (
+    TERMINAL_EVENT_TYPES,
+    EventTooLarge,
+    SSEEvent,
+    SSEParser,
+    classify_response,
+    classify_stream_error_event,
+    encode_sse,
+    failed_event,
+    merge_usage,
+    parse_event_json,
+    upstream_headers,
+    usage_from_headers,
+    usage_from_rate_limits_event,
+)
+
+log = logging.getLogger("codex_lb_trio.proxy")
+
+INBOX_SIZE = 256
+EVENT_BUFFER = 8  # events queued towards the client before the upstream read waits
+HOLD_EVENTS = 8  # at most this many opening events are held back before committing
+MAX_ERROR_BODY = 1024 * 1024
+PREAMBLE_TYPES = frozenset({"response.created", "response.in_progress"})
+RESPONSE_HEADER_DROP = frozenset(
+    {"content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive",
+     "set-cookie", "date", "server", "alt-svc", "strict-transport-security"}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    base_url: str = "https://chatgpt.com/backend-api"
+    max_attempts: int = 4
+    default_cooldown: float = 60.0
+    sticky: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> ProxySettings:
+        return cls(
+            base_url=config.upstream.base_url,
+            max_attempts=config.routing.max_attempts,
+            default_cooldown=config.routing.default_cooldown,
+            sticky=config.routing.sticky,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyRequest:
+    """What a route hands the proxy: an upstream path under base_url and its payload."""
+
+    path: str
+    method: str = "POST"
+    headers: tuple[tuple[str, str], ...] = ()
+    body: dict[str, Any] | None = None
+    query: tuple[tuple[str, str], ...] = ()
+    stream: bool = True
+    sticky_key: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Exchange:
+    """The answer to ``forward``. For streams, the caller must close ``events``."""
+
+    status: int
+    headers: dict[str, str]
+    account_id: str
+    events: trio.MemoryReceiveChannel[SSEEvent] | None = None
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forward:
+    request: ProxyRequest
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetProxyStats:
+    reply: trio.MemorySendChannel[Any]
+
+
+ProxyMessage = Forward | GetProxyStats
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """Bookkeeping for one request's attempts."""
+
+    tried: set[str] = field(default_factory=set)
+    retry_same: str | None = None
+    refreshed: set[str] = field(default_factory=set)
+    transport_retried: set[str] = field(default_factory=set)
+    last_error: CodexLBError | None = None
+
+
+class _Failover(Exception):
+    """An attempt failed before the first byte; try again (maybe elsewhere)."""
+
+
+class ProxyHandle:
+    def __init__(self, inbox: trio.MemorySendChannel[ProxyMessage]) -> None:
+        self._inbox = inbox
+
+    async def forward(self, request: ProxyRequest, *, timeout: float = 300.0) -> Exchange:
+        """Start the upstream exchange; returns once it is committed or has failed."""
+        result: Exchange = await call(
+            self._inbox, lambda r: Forward(request=request, reply=r), actor="proxy handler",
+            timeout=timeout, on_abandoned=_close_abandoned,
+        )
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await call(
+            self._inbox, lambda r: GetProxyStats(reply=r), actor="proxy handler", timeout=10
+        )
+        return result
+
+
+def _close_abandoned(value: Any) -> None:
+    if isinstance(value, Exchange) and value.events is not None:
+        value.events.close()
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        *,
+        store: AccountStore,
+        clients: ClientHandle,
+        tokens: TokenHandle,
+        settings: ProxySettings | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._clients = clients
+        self._tokens = tokens
+        self.settings = settings or ProxySettings()
+        self._wall_clock = wall_clock
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[ProxyMessage](INBOX_SIZE)
+        self._in_flight: Counter[str] = Counter()
+        self._sticky = balancer.StickyTable()
+        self.counters: Counter[str] = Counter()
+
+    def close(self) -> None:
+        """The actor is gone for good: queued and later requests fail at once."""
+        close_inbox(self._inbox_recv)
+
+    def handle(self) -> ProxyHandle:
+        return ProxyHandle(self._inbox_send.clone())
+
+    async def run(self, *, task_status: trio.TaskStatus[ProxyHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started(self.handle())
+            async for message in self._inbox_recv:
+                match message:
+                    case Forward():
+                        nursery.start_soon(self._serve, message)
+                    case GetProxyStats():
+                        with message.reply:
+                            answer(message.reply, {
+                                "in_flight": dict(+self._in_flight),
+                                "counters": dict(self.counters),
+                                "sticky_sessions": len(self._sticky),
+                            })
+                    case _:
+                        assert_never(message)
+
+    # --- one request ----------------------------------------------------------------
+
+    async def _serve(self, message: Forward) -> None:
+        request, reply = message.request, message.reply
+        with reply:
+            attempt = _Attempt()
+            for _ in range(self.settings.max_attempts + 1):  # +1: the rotation retry is free
+                try:
+                    account_id = await self._pick(request, attempt)
+                except CodexLBError as exc:
+                    answer(reply, attempt.last_error if _prefer_last(attempt, exc) else exc)
+                    return
+                self._in_flight[account_id] += 1
+                try:
+                    await self._attempt(request, account_id, attempt, reply)
+                    return
+                except _Failover:
+                    self.counters["failovers"] += 1
+                    continue
+                except CodexLBError as exc:
+                    answer(reply, exc)
+                    return
+                finally:
+                    self._in_flight[account_id] -= 1
+            answer(reply, attempt.last_error or ServerError(
+                "no upstream attempt succeeded", status=502, code="upstream_unavailable"))
+
+    async def _pick(self, request: ProxyRequest, attempt: _Attempt) -> str:
+        if attempt.retry_same is not None:
+            account_id, attempt.retry_same = attempt.retry_same, None
+            return account_id
+        accounts = await self._store.list_accounts()
+        sticky_id = self._sticky.get(request.sticky_key) if request.sticky_key else None
+        try:
+            choice = balancer.choose(
+                accounts, now=self._wall_clock(), in_flight=self._in_flight,
+                sticky_account_id=sticky_id, exclude=attempt.tried,
+            )
+        except balancer.NoAccounts:
+            raise ActorUnavailable(
+                "no accounts in the pool: add one with `codex-lb-trio accounts import` "
+                "(or `accounts login`)"
+            ) from None
+        except balancer.AllCoolingDown as exc:
+            raise RateLimited(
+                "All pooled accounts have reached their usage limit.", status=429,
+                code="usage_limit_reached", resets_at=exc.resets_at,
+            ) from None
+        except balancer.NoEligibleAccounts as exc:
+            raise ActorUnavailable(f"no usable account: {exc}") from None
+        if self.settings.sticky and request.sticky_key:
+            self._sticky.set(request.sticky_key, choice.account.id)
+        return choice.account.id
+
+    async def _attempt(
+        self, request: ProxyRequest, account_id: str, attempt: _Attempt,
+        reply: trio.MemorySendChannel[Any],
+    ) -> None:
+        try:
+            fresh = await self._tokens.ensure_fresh(account_id)
+        except (PermanentAuth, TransportError, UpstreamError, InvalidResponse) as exc:
+            attempt.tried.add(account_id)
+            attempt.last_error = exc
+            raise _Failover from None
+        async with self._clients.lease() as lease:
+            http_request = lease.client.build_request(
+                request.method,
+                self.settings.base_url.rstrip("/") + request.path,
+                params=list(request.query) or None,
+                headers=upstream_headers(
+                    request.headers, access_token=fresh.tokens.access_token,
+                    chatgpt_account_id=fresh.account.chatgpt_account_id,
+                ),
+                content=json.dumps(request.body).encode() if request.body is not None else None,
+            )
+            try:
+                response = await lease.send(http_request)
+            except TransportError as exc:
+                await self._on_transport(exc, lease, account_id, attempt)
+                raise _Failover from None
+            try:
+                now = self._wall_clock()
+                usage = usage_from_headers(response.headers, now)
+                if usage is not None:
+                    await self._record_usage(account_id, usage)
+                if response.status_code >= 400:
+                    await self._on_status(response, account_id, attempt, lease)
+                    raise AssertionError("unreachable")  # _on_status always raises
+                headers = {k: v for k, v in response.headers.items()
+                           if k.lower() not in RESPONSE_HEADER_DROP}
+                if not request.stream:
+                    body = await _read_bounded(response, lease)
+                    answer(reply, Exchange(status=response.status_code, headers=headers,
+                                           account_id=account_id, body=body))
+                    return
+                await self._relay(response, lease, account_id, attempt, headers, reply)
+            finally:
+                await response.aclose()
+
+    async def _on_transport(
+        self, exc: TransportError, lease: Lease, account_id: str, attempt: _Attempt
+    ) -> None:
+        attempt.last_error = exc
+        self.counters["transport_errors"] += 1
+        if exc.pre_dispatch and account_id not in attempt.transport_retried:
+            attempt.transport_retried.add(account_id)
+            attempt.retry_same = account_id  # not held against the account
+            new = await self._clients.rotate(
+                seen_generation=lease.generation, reason=RotationReason.TRANSPORT,
+                path_dead=exc.path_dead,
+            )
+            log.info("proxy account=%s error=transport (%s) rotated generation=%d->%d retry=same",
+                     account_id, exc.message, lease.generation, new)
+        else:
+            attempt.tried.add(account_id)
+            log.info("proxy account=%s error=transport (%s) generation=%d: failing over",
+                     account_id, exc.message, lease.generation)
+
+    async def _on_status(
+        self, response: httpx.Response, account_id: str, attempt: _Attempt, lease: Lease
+    ) -> None:
+        raw = await _read_bounded(response, lease)
+        now = self._wall_clock()
+        failure = classify_response(response.status_code, raw, response.headers, now)
+        assert failure is not None
+        if failure.kind == "client":
+            # The request itself is wrong: failing over would fail the same way.
+            raise PassThrough(response.status_code, raw, response.headers.get("content-type"))
+        await self._on_failure(failure, account_id, attempt)
+
+    async def _on_failure(self, failure: Any, account_id: str, attempt: _Attempt) -> None:
+        """Act on a pre-commit upstream failure and raise _Failover (or the final error)."""
+        now = self._wall_clock()
+        kind, code, message = failure.kind, failure.code, failure.message
+        status = failure.status
+        if kind in ("rate_limited", "quota"):
+            until = failure.resets_at or now + self.settings.default_cooldown
+            await self._store.set_cooldown(account_id, until)
+            self._sticky.forget_account(account_id)
+            attempt.tried.add(account_id)
+            cls = RateLimited if kind == "rate_limited" else QuotaExceeded
+            attempt.last_error = (RateLimited(message, status=429, code=code, resets_at=until)
+                                  if cls is RateLimited else QuotaExceeded(message, status=status, code=code))
+            self.counters["rate_limited"] += 1
+            log.info("proxy account=%s error=%s cooling_down_for=%.0fs: failing over",
+                     account_id, code, until - now)
+        elif kind == "auth":
+            attempt.last_error = AuthExpired(message, status=401, code=code)
+            if account_id in attempt.refreshed:
+                attempt.tried.add(account_id)
+                log.info("proxy account=%s error=401 after a refresh: failing over", account_id)
+            else:
+                attempt.refreshed.add(account_id)
+                try:
+                    await self._tokens.ensure_fresh(account_id, force=True)
+                    attempt.retry_same = account_id
+                    log.info("proxy account=%s error=401: refreshed, retrying", account_id)
+                except CodexLBError as exc:
+                    attempt.tried.add(account_id)
+                    attempt.last_error = exc
+        elif kind == "permanent_auth":
+            attempt.tried.add(account_id)
+            attempt.last_error = PermanentAuth(message, status=status, code=code)
+        else:  # server
+            attempt.tried.add(account_id)
+            attempt.last_error = ServerError(message, status=status, code=code)
+            self.counters["server_errors"] += 1
+            log.info("proxy account=%s error=%s status=%d: failing over", account_id, code, status)
+        raise _Failover
+
+    async def _record_usage(self, account_id: str, usage: Usage) -> None:
+        try:
+            current = await self._store.get(account_id)
+            await self._store.set_usage(account_id, merge_usage(current.usage, usage))
+        except Exception as exc:  # usage is advisory; never fail a request over it
+            log.debug("usage update account=%s failed: %s", account_id, exc)
+
+    # --- streaming ---------------------------------------------------------------------
+
+    async def _relay(
+        self, response: httpx.Response, lease: Lease, account_id: str, attempt: _Attempt,
+        headers: dict[str, str], reply: trio.MemorySendChannel[Any],
+    ) -> None:
+        events_send, events_recv = trio.open_memory_channel[SSEEvent](EVENT_BUFFER)
+        chunk_send, chunk_recv = trio.open_memory_channel[bytes](0)
+        errors: list[CodexLBError] = []
+        held: list[SSEEvent] = []
+        state = {"committed": False, "terminal": False, "client_gone": False}
+        early_failure: list[Any] = []
+
+        async def pump() -> None:
+            with chunk_send:
+                try:
+                    await lease.pump(response, chunk_send)
+                except CodexLBError as exc:
+                    errors.append(exc)
+
+        async def deliver(event: SSEEvent) -> None:
+            await events_send.send(event)
+
+        async def consume(nursery: trio.Nursery) -> None:
+            parser = SSEParser()
+            async for chunk in chunk_recv:
+                for event in parser.feed(chunk):
+                    payload = parse_event_json(event)
+                    kind = (payload or {}).get("type") or event.event
+                    if payload is not None and kind == "codex.rate_limits":
+                        usage = usage_from_rate_limits_event(payload, self._wall_clock())
+                        if usage is not None:
+                            nursery.start_soon(self._record_usage, account_id, usage)
+                    if kind in TERMINAL_EVENT_TYPES:
+                        state["terminal"] = True
+                    if state["committed"]:
+                        await deliver(event)
+                        continue
+                    failure = (classify_stream_error_event(payload, self._wall_clock())
+                               if payload is not None else None)
+                    if failure is not None:
+                        early_failure.append(failure)
+                        return
+                    held.append(event)
+                    if kind in PREAMBLE_TYPES and len(held) < HOLD_EVENTS:
+                        continue
+                    self._commit(reply, headers, account_id, events_recv)
+                    state["committed"] = True
+                    for early in held:
+                        await deliver(early)
+                    held.clear()
+
+        with events_send:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                try:
+                    await consume(nursery)
+                except EventTooLarge as exc:
+                    errors.append(InvalidResponse(str(exc)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    state["client_gone"] = True
+                finally:
+                    chunk_recv.close()
+                    nursery.cancel_scope.cancel()
+            if state["client_gone"]:
+                self.counters["client_disconnects"] += 1
+                return  # the client went away; the lease and response close behind us
+            if early_failure:
+                await self._on_failure(early_failure[0], account_id, attempt)
+            if not state["committed"]:
+                if errors or not held:
+                    attempt.last_error = errors[0] if errors else InvalidResponse(
+                        "upstream stream ended before any event")
+                    attempt.tried.add(account_id)
+                    raise _Failover
+                self._commit(reply, headers, account_id, events_recv)
+                for early in held:
+                    await _send_quietly(events_send, early)
+            if errors or not state["terminal"]:
+                err = errors[0] if errors else None
+                code = "upstream_connection_lost" if isinstance(err, TransportError) else "upstream_error"
+                text = err.message if err else "upstream stream ended without a terminal event"
+                self.counters["streams_failed"] += 1
+                log.info("proxy account=%s stream ended early generation=%d: %s",
+                         account_id, lease.generation, text)
+                await _send_quietly(events_send, _sse(failed_event(code, f"upstream stream failed: {text}")))
+
+    def _commit(
+        self, reply: trio.MemorySendChannel[Any], headers: dict[str, str], account_id: str,
+        events_recv: trio.MemoryReceiveChannel[SSEEvent],
+    ) -> None:
+        self.counters["streams"] += 1
+        if not answer(reply, Exchange(status=200, headers=headers, account_id=account_id,
+                                      events=events_recv)):
+            events_recv.close()  # the caller gave up before we answered
+
+
+class PassThrough(CodexLBError):
+    """The upstream rejected the request itself (a 4xx other than auth/limits)."""
+
+    def __init__(self, status: int, body: bytes, content_type: str | None) -> None:
+        super().__init__(f"upstream rejected the request with HTTP {status}")
+        self.http_status = status
+        self.body = body
+        self.content_type = content_type or "application/json"
+
+
+def _prefer_last(attempt: _Attempt, exc: CodexLBError) -> bool:
+    # Once something was tried, its failure explains more than "nothing left to try" —
+    # except a usage limit, whose resets_at the client needs.
+    return attempt.last_error is not None and not isinstance(exc, RateLimited)
+
+
+def _sse(payload: dict[str, Any]) -> SSEEvent:
+    return SSEEvent(event=payload["type"], data=json.dumps(payload),
+                    raw=encode_sse(payload["type"], payload))
+
+
+async def _send_quietly(channel: trio.MemorySendChannel[SSEEvent], event: SSEEvent) -> None:
+    try:
+        await channel.send(event)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _read_bounded(response: httpx.Response, lease: Lease) -> bytes:
+    """A whole non-streamed body, under the lease's idle timeout."""
+    with trio.move_on_after(lease.idle_timeout()):
+        try:
+            return await response.aread()
+        except Exception as exc:
+            raise classify(exc, phase=Phase.BODY, generation=lease.generation) from exc
+    raise TransportError("upstream body did not arrive in time", phase=Phase.BODY,
+                         generation=lease.generation)
