@@ -144,7 +144,7 @@ def default_client_factory(settings: ClientSettings) -> ClientFactory:
 class Lease:
     """One holder's claim on a generation; ``release()`` is synchronous and idempotent."""
 
-    __slots__ = ("generation", "client", "path_dead", "_settings", "_release_send", "_released")
+    __slots__ = ("generation", "client", "path_dead", "settings", "_release_send", "_released")
 
     def __init__(
         self,
@@ -156,7 +156,7 @@ class Lease:
         self.client = grant.client
         # Set by the manager once this generation's network path is proven dead.
         self.path_dead = grant.path_dead
-        self._settings = settings
+        self.settings = settings
         self._release_send = release_send
         self._released = False
 
@@ -177,14 +177,14 @@ class Lease:
         out as TransportError carrying this lease's generation, so the caller can
         ``rotate(seen_generation=err.generation)``.
         """
-        with trio.move_on_after(self._settings.header_timeout) as scope:
+        with trio.move_on_after(self.settings.header_timeout) as scope:
             try:
                 return await self.client.send(request, stream=True)
             except Exception as exc:
                 raise classify(exc, phase=Phase.HEADERS, generation=self.generation) from exc
         assert scope.cancelled_caught
         raise TransportError(
-            f"no response headers within {self._settings.header_timeout:g}s",
+            f"no response headers within {self.settings.header_timeout:g}s",
             phase=Phase.HEADERS,
             path_dead=True,
             generation=self.generation,
@@ -193,8 +193,8 @@ class Lease:
     def idle_timeout(self) -> float:
         """How long a stream on this generation may stay silent before it is ended."""
         if self.path_dead.is_set():
-            return self._settings.dead_path_silence
-        return self._settings.stream_idle_timeout
+            return self.settings.dead_path_silence
+        return self.settings.stream_idle_timeout
 
     async def pump(
         self,

@@ -303,6 +303,8 @@ def _transport(exc: BaseException, phase: Phase | None) -> TransportError | None
     try:
         import trio
 
+        if isinstance(exc, trio.TooSlowError):
+            return TransportError("timed out", phase=phase or Phase.CONNECT, path_dead=True)
         if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
             return TransportError(f"connection lost: {name}", phase=phase or Phase.BODY, path_dead=True)
     except ImportError:  # pragma: no cover - trio is a hard dependency

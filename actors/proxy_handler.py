@@ -33,10 +33,13 @@ from typing import Any, assert_never
 
 import httpx
 import trio
+import trio_websocket
 
 from actors import balancer
+from actors import proxy_websocket as ws
+from actors.proxy_websocket import WebSocketSession
 from actors.accounts import AccountStore, Usage
-from actors.client_manager import ClientHandle, Lease
+from actors.client_manager import ClientHandle, Lease, keepalive_socket_options
 from actors.errors import (
     ActorUnavailable,
     AuthExpired,
@@ -86,6 +89,8 @@ RESPONSE_HEADER_DROP = frozenset(
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProxySettings:
     base_url: str = "https://chatgpt.com/backend-api"
+    connect_timeout: float = 8.0
+    idle_timeout: float = 240.0
     max_attempts: int = 4
     default_cooldown: float = 60.0
     sticky: bool = True
@@ -94,6 +99,8 @@ class ProxySettings:
     def from_config(cls, config: Any) -> ProxySettings:
         return cls(
             base_url=config.upstream.base_url,
+            connect_timeout=config.upstream.connect_timeout,
+            idle_timeout=config.upstream.stream_idle_timeout,
             max_attempts=config.routing.max_attempts,
             default_cooldown=config.routing.default_cooldown,
             sticky=config.routing.sticky,
@@ -131,11 +138,17 @@ class Forward:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OpenWebSocket:
+    request: ProxyRequest
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GetProxyStats:
     reply: trio.MemorySendChannel[Any]
 
 
-ProxyMessage = Forward | GetProxyStats
+ProxyMessage = Forward | OpenWebSocket | GetProxyStats
 
 
 @dataclass(slots=True)
@@ -165,6 +178,14 @@ class ProxyHandle:
         )
         return result
 
+    async def open_websocket(self, request: ProxyRequest, *, timeout: float = 120.0) -> WebSocketSession:
+        """Open a relayed Responses WebSocket session (see actors/proxy_websocket.py)."""
+        result: WebSocketSession = await call(
+            self._inbox, lambda r: OpenWebSocket(request=request, reply=r), actor="proxy handler",
+            timeout=timeout, on_abandoned=_close_abandoned,
+        )
+        return result
+
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = await call(
             self._inbox, lambda r: GetProxyStats(reply=r), actor="proxy handler", timeout=10
@@ -175,6 +196,9 @@ class ProxyHandle:
 def _close_abandoned(value: Any) -> None:
     if isinstance(value, Exchange) and value.events is not None:
         value.events.close()
+    if isinstance(value, WebSocketSession):
+        value.to_upstream.close()
+        value.from_upstream.close()
 
 
 class ProxyHandler:
@@ -206,11 +230,14 @@ class ProxyHandler:
 
     async def run(self, *, task_status: trio.TaskStatus[ProxyHandle] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             task_status.started(self.handle())
             async for message in self._inbox_recv:
                 match message:
                     case Forward():
                         nursery.start_soon(self._serve, message)
+                    case OpenWebSocket():
+                        nursery.start_soon(self._serve_websocket, message)
                     case GetProxyStats():
                         with message.reply:
                             answer(message.reply, {
@@ -397,6 +424,120 @@ class ProxyHandler:
             await self._store.set_usage(account_id, merge_usage(current.usage, usage))
         except Exception as exc:  # usage is advisory; never fail a request over it
             log.debug("usage update account=%s failed: %s", account_id, exc)
+
+    # --- websocket sessions ------------------------------------------------------------
+
+    async def _serve_websocket(self, message: OpenWebSocket) -> None:
+        request, reply = message.request, message.reply
+        in_send, in_recv = trio.open_memory_channel[str](ws.FRAME_BUFFER)
+        out_send, out_recv = trio.open_memory_channel[str](ws.FRAME_BUFFER)
+        with reply, in_recv, out_send:
+            attempt = _Attempt()
+            use_http = False
+            for _ in range(self.settings.max_attempts + 1):
+                try:
+                    account_id = await self._pick(request, attempt)
+                except CodexLBError as exc:
+                    answer(reply, attempt.last_error if _prefer_last(attempt, exc) else exc)
+                    return
+                self._in_flight[account_id] += 1
+                try:
+                    relay = ws.TurnRelay(client_in=in_recv, client_out=out_send, account_id=account_id,
+                                         idle_timeout=lambda: self.settings.idle_timeout,
+                                         http_turn=lambda body: self._http_turn(request, body))
+                    session = ws.WebSocketSession(to_upstream=in_send, from_upstream=out_recv,
+                                                  account_id=account_id, mode="websocket")
+                    if await self._websocket_attempt(request, account_id, attempt, reply, relay, session):
+                        return
+                    use_http = True
+                    break
+                except _Failover:
+                    self.counters["failovers"] += 1
+                    continue
+                except CodexLBError as exc:
+                    answer(reply, exc)
+                    return
+                finally:
+                    self._in_flight[account_id] -= 1
+            if not use_http:
+                answer(reply, attempt.last_error or ServerError(
+                    "no upstream attempt succeeded", status=502, code="upstream_unavailable"))
+                return
+            # The upstream does not speak websockets: serve the turns over HTTP SSE.
+            self.counters["websocket_http_fallbacks"] += 1
+            session.mode = "http"
+            if answer(reply, session):
+                try:
+                    await relay.relay_http()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the client left
+
+    async def _websocket_attempt(
+        self, request: ProxyRequest, account_id: str, attempt: _Attempt,
+        reply: trio.MemorySendChannel[Any], relay: ws.TurnRelay, session: ws.WebSocketSession,
+    ) -> bool:
+        """One upstream socket for the session. False: the upstream wants HTTP instead."""
+        try:
+            fresh = await self._tokens.ensure_fresh(account_id)
+        except (PermanentAuth, TransportError, UpstreamError, InvalidResponse) as exc:
+            attempt.tried.add(account_id)
+            attempt.last_error = exc
+            raise _Failover from None
+        headers = ws.handshake_headers(request.headers, fresh.tokens.access_token,
+                                       fresh.account.chatgpt_account_id)
+        url = ws.websocket_url(self.settings.base_url, request.path)
+        async with self._clients.lease() as lease:
+            opened = False
+            try:
+                async with ws.open_upstream_websocket(
+                    url, ws.handshake_extra(headers), connect_timeout=self.settings.connect_timeout,
+                    socket_options=keepalive_socket_options(lease.settings),
+                ) as upstream:
+                    opened = True
+                    self.counters["websocket_sessions"] += 1
+                    relay.idle_timeout = lease.idle_timeout
+                    if answer(reply, session):
+                        await relay.relay_websocket(upstream)
+                return True
+            except Exception as exc:
+                leaf = ws.single_leaf(exc)
+                if opened:
+                    if not isinstance(leaf, trio.BrokenResourceError | trio.ClosedResourceError):
+                        log.info("websocket session account=%s ended: %s", account_id, leaf)
+                    return True
+                if isinstance(leaf, trio_websocket.ConnectionRejected):
+                    if leaf.status_code in ws.USE_HTTP_STATUSES:
+                        return False
+                    failure = ws.refused_failure(leaf, self._wall_clock())
+                    if failure is None:  # an odd 2xx/3xx instead of 101: the path is unusable
+                        attempt.tried.add(account_id)
+                        attempt.last_error = ServerError(
+                            f"upstream answered the upgrade with HTTP {leaf.status_code}",
+                            status=502, code="bad_upgrade")
+                        raise _Failover from None
+                    if failure.kind == "client":
+                        raise PassThrough(leaf.status_code or 400, leaf.body or b"", None) from None
+                    await self._on_failure(failure, account_id, attempt)
+                err = classify(leaf, phase=Phase.CONNECT, generation=lease.generation)
+                if isinstance(err, TransportError):
+                    await self._on_transport(err, lease, account_id, attempt)
+                    raise _Failover from None
+                raise err from None
+
+    async def _http_turn(self, request: ProxyRequest, body: dict[str, Any]) -> Exchange:
+        """One fallback turn, served like any POST /codex/responses."""
+        reply_send, reply_recv = trio.open_memory_channel[Any](1)
+        turn = ProxyRequest(path=request.path, headers=request.headers, body=body,
+                            sticky_key=request.sticky_key)
+        self._nursery.start_soon(self._serve, Forward(request=turn, reply=reply_send))
+        with reply_recv:
+            try:
+                result = await reply_recv.receive()
+            except trio.EndOfChannel:
+                raise ActorUnavailable("the proxy handler stopped during the turn") from None
+        if isinstance(result, CodexLBError):
+            raise result
+        return result
 
     # --- streaming ---------------------------------------------------------------------
 

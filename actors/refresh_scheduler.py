@@ -57,6 +57,7 @@ from actors.messages import (
     UsageUpdate,
     answer,
     call,
+    close_inbox,
 )
 from actors.token_refresher import TokenHandle
 from actors.upstream import InvalidPayload, usage_from_wham
@@ -70,6 +71,7 @@ INTERVAL_JITTER = 0.10  # schedules vary by ±10 % so sibling accounts never lin
 CLOSE_BOUND = 5.0  # shielded ceiling on closing one upstream response
 ON_DEMAND_GAP = 5.0  # a catalog asker does not start a new fetch this soon after one ended
 TIMER_MIN_TICK = 1.0
+DEFAULT_USAGE_SPACING = 0.5  # between usage polls of sibling accounts
 # Accounts that can still call the upstream; paused ones only lose their client traffic.
 POLLED = frozenset({AccountStatus.ACTIVE, AccountStatus.COOLING_DOWN, AccountStatus.PAUSED})
 
@@ -83,7 +85,7 @@ class SchedulerSettings:
     models_interval: float = 300.0
     usage_interval: float = 60.0
     usage_concurrency: int = 2
-    usage_spacing: float = 0.5
+    usage_spacing: float = DEFAULT_USAGE_SPACING
     first_cycle_delay: float = 0.0  # after start; tests push it out to drive cycles by hand
     body_timeout: float = 30.0  # for reading a whole JSON answer once its headers came
     call_timeout: float = 300.0  # what a handle call waits for the actor at most
@@ -97,7 +99,7 @@ class SchedulerSettings:
             models_interval=refresh.models_interval,
             usage_interval=refresh.usage_interval,
             usage_concurrency=refresh.usage_concurrency,
-            usage_spacing=getattr(refresh, "usage_spacing", cls.usage_spacing),
+            usage_spacing=getattr(refresh, "usage_spacing", DEFAULT_USAGE_SPACING),
         )
 
 
@@ -236,7 +238,9 @@ class _CycleRunner:
 class SchedulerHandle:
     """Talk to the RefreshScheduler."""
 
-    def __init__(self, inbox: trio.MemorySendChannel[RefreshSchedulerMessage], timeout: float) -> None:
+    def __init__(
+        self, inbox: trio.MemorySendChannel[RefreshSchedulerMessage], timeout: float
+    ) -> None:
         self._inbox = inbox
         self._timeout = timeout
 
@@ -310,6 +314,10 @@ class RefreshScheduler:
         self._usage_limiter = trio.CapacityLimiter(max(1, self.settings.usage_concurrency))
         self._models_due = self._usage_due = 0.0
 
+    def close(self) -> None:
+        """The actor is gone for good: queued and later requests fail at once."""
+        close_inbox(self._inbox_recv)
+
     def handle(self) -> SchedulerHandle:
         return SchedulerHandle(self._inbox_send.clone(), self.settings.call_timeout)
 
@@ -340,14 +348,7 @@ class RefreshScheduler:
                     case _:
                         assert_never(message)
         # A clean shutdown is final: queued and later calls fail at once, not at their deadline.
-        while True:
-            try:
-                queued = self._inbox_recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            with queued.reply:
-                answer(queued.reply, ActorUnavailable("the refresh scheduler is shut down"))
-        self._inbox_recv.close()
+        self.close()
 
     def _on_get_catalog(self, message: GetCatalog) -> None:
         if self._catalog is not None or not message.fetch_if_missing:
@@ -406,7 +407,8 @@ class RefreshScheduler:
             if now >= self._usage_due and not self._usage.running:
                 self._usage.start(self._nursery)
             # A cycle moves its own due time when it starts, whoever started it.
-            await trio.sleep_until(max(min(self._models_due, self._usage_due), now + TIMER_MIN_TICK))
+            wake_at = min(self._models_due, self._usage_due)
+            await trio.sleep_until(max(wake_at, now + TIMER_MIN_TICK))
 
     def _jittered(self, interval: float) -> float:
         return interval * (1 + self._rng.uniform(-INTERVAL_JITTER, INTERVAL_JITTER))

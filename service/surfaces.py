@@ -13,7 +13,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from quart import Quart, Response, request
+import trio
+from quart import Quart, Response, request, websocket
 
 from actors.balancer import sticky_key
 from actors.errors import ClientError, CodexLBError, InvalidResponse
@@ -106,6 +107,33 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
     @app.post("/backend-api/codex/responses")
     async def codex_responses() -> Response:
         return sse_response(await forward_codex("/codex/responses", stream=True))
+
+    @app.websocket("/backend-api/codex/responses")
+    async def codex_responses_websocket() -> Response | None:
+        headers = tuple((k.lower(), v) for k, v in websocket.headers.items())
+        try:
+            session = await proxy.open_websocket(ProxyRequest(
+                path="/codex/responses", headers=headers, sticky_key=sticky_key(dict(headers), None),
+            ))
+        except CodexLBError as exc:
+            # Refuse the upgrade with a plain HTTP error (Codex then falls back to SSE).
+            from service.app import error_response
+
+            return error_response(exc)
+        await websocket.accept()
+
+        async def client_to_upstream() -> None:
+            with session.to_upstream:
+                while True:
+                    await session.to_upstream.send(await websocket.receive())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_to_upstream)
+            with session.from_upstream:
+                async for frame in session.from_upstream:
+                    await websocket.send(frame)
+            nursery.cancel_scope.cancel()
+        return None
 
     @app.post("/backend-api/codex/responses/compact")
     async def codex_compact() -> Response:

@@ -374,25 +374,44 @@ async def test_websocket_carries_two_turns_on_one_socket(fake_upstream: FakeUpst
     assert fake_upstream.requests_for("ws_turns")[0].body["model"] == "gpt-5.1-codex"
 
 
-async def test_websocket_disabled_answers_426(fake_upstream: FakeUpstream) -> None:
-    # A raw upgrade through httpx: trio-websocket 0.12 leaks its socket on ConnectionRejected.
-    account = fake_upstream.add_account()
-    fake_upstream.websocket_enabled = False
-    upgrade = {
+def upgrade_headers(account: FakeAccount) -> dict[str, str]:
+    return {
         **backend_headers(account),
         "connection": "Upgrade",
         "upgrade": "websocket",
         "sec-websocket-version": "13",
         "sec-websocket-key": base64.b64encode(secrets.token_bytes(16)).decode(),
     }
+
+
+async def test_websocket_disabled_answers_426(fake_upstream: FakeUpstream) -> None:
+    # Raw upgrades through httpx: trio-websocket 0.12 leaks its socket on ConnectionRejected.
+    account = fake_upstream.add_account()
+    fake_upstream.websocket_enabled = False
     with trio.fail_after(TIMEOUT):
         async with httpx.AsyncClient(base_url=fake_upstream.base_url) as client:
-            refused = await client.get("/codex/responses", headers=upgrade)
+            refused = await client.get("/codex/responses", headers=upgrade_headers(account))
             fake_upstream.websocket_enabled = True
-            accepted = await client.get("/codex/responses", headers=upgrade)
+            accepted = await client.get("/codex/responses", headers=upgrade_headers(account))
     assert refused.status_code == 426
     assert accepted.status_code == 101
     assert fake_upstream.count("ws_connections", "acct-a") == 2
+
+
+async def test_websocket_upgrade_takes_status_faults(fake_upstream: FakeUpstream) -> None:
+    account = fake_upstream.add_account()
+    fake_upstream.fault("acct-a", "ws", Fault.rate_limited())
+    with trio.fail_after(TIMEOUT):
+        async with httpx.AsyncClient(base_url=fake_upstream.base_url) as client:
+            limited = await client.get("/codex/responses", headers=upgrade_headers(account))
+            stale = await client.get(
+                "/codex/responses",
+                headers={**upgrade_headers(account), "authorization": "Bearer stale"},
+            )
+    assert limited.status_code == 429
+    assert limited.json()["error"]["type"] == "usage_limit_reached"
+    assert stale.status_code == 401
+    assert fake_upstream.faults.pending() == {}
 
 
 async def test_websocket_turn_fault_becomes_an_error_event(fake_upstream: FakeUpstream) -> None:

@@ -150,3 +150,51 @@ async def test_no_accounts_gives_503_with_a_hint(tmp_path, fake_upstream, chaos)
             response, _ = await post_turn(http)
             assert response.status_code == 503
             assert "accounts import" in response.json()["error"]["message"]
+
+
+async def test_websocket_turns_relay_over_one_upstream_socket(tmp_path, fake_upstream, chaos):
+    import json
+
+    import trio_websocket
+
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack:
+            url = stack.url.replace("http://", "ws://") + "/backend-api/codex/responses"
+            headers = [(k.encode(), v.encode()) for k, v in CODEX_HEADERS.items()]
+            headers.append((b"openai-beta", b"responses_websockets=2026-02-06"))
+            async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+                for turn in range(2):
+                    await ws.send_message(json.dumps({"type": "response.create", **CODEX_BODY}))
+                    frames = []
+                    while True:
+                        frame = json.loads(await ws.get_message())
+                        frames.append(frame)
+                        if frame["type"] in ("response.completed", "response.failed", "error"):
+                            break
+                    assert frames[-1]["type"] == "response.completed", frames[-1]
+                # a bad frame gets an error event, and the socket keeps serving
+                await ws.send_message("not json")
+                bad = json.loads(await ws.get_message())
+                assert bad["type"] == "error"
+                assert bad["error"]["code"] == "invalid_frame"
+            assert fake_upstream.count("ws_turns") == 2
+            assert fake_upstream.count("ws_connections") == 1
+
+
+async def test_websocket_falls_back_to_http_when_upstream_refuses(tmp_path, fake_upstream, chaos):
+    import json
+
+    import trio_websocket
+
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack:
+            fake_upstream.websocket_enabled = False
+            url = stack.url.replace("http://", "ws://") + "/backend-api/codex/responses"
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps({"type": "response.create", **CODEX_BODY}))
+                frames = []
+                while not frames or frames[-1]["type"] not in ("response.completed", "response.failed"):
+                    frames.append(json.loads(await ws.get_message()))
+                assert frames[-1]["type"] == "response.completed"
+            assert fake_upstream.count("ws_turns") == 0
+            assert fake_upstream.count("responses") >= 1

@@ -18,7 +18,14 @@ import pytest
 import trio
 import trio.testing
 
-from actors.accounts import Account, AccountStatus, InMemoryAccountStore, TokenSet, Usage, UsageWindow
+from actors.accounts import (
+    Account,
+    AccountStatus,
+    InMemoryAccountStore,
+    TokenSet,
+    Usage,
+    UsageWindow,
+)
 from actors.client_manager import ClientHandle, ClientManager, ClientSettings
 from actors.messages import Catalog, UsageUpdate
 from actors.refresh_scheduler import RefreshScheduler, SchedulerHandle, SchedulerSettings
@@ -140,7 +147,9 @@ class Upstream:
         return sum(1 for call in self.calls if call[0] == endpoint)
 
 
-def usage_body(primary: float, primary_reset: float, secondary: float, secondary_reset: float) -> dict:
+def usage_body(
+    primary: float, primary_reset: float, secondary: float, secondary_reset: float
+) -> dict[str, Any]:
     def window(used: float, reset_at: float, seconds: int) -> dict[str, Any]:
         return {"used_percent": used, "reset_at": int(reset_at), "limit_window_seconds": seconds,
                 "reset_after_seconds": max(0, int(reset_at - wall()))}
@@ -186,7 +195,9 @@ async def rig(upstream: Upstream, accounts: list[Account], **settings: Any) -> A
         nursery.cancel_scope.cancel()
 
 
-async def test_model_fetch_transport_failure_rotates_once_and_retry_succeeds(autojump_clock, caplog):
+async def test_model_fetch_transport_failure_rotates_once_and_retry_succeeds(
+    autojump_clock, caplog
+):
     caplog.set_level(logging.INFO, logger="codex_lb_trio.scheduler")
     upstream = Upstream()
     upstream.fail[("models", "*")] = ["transport"]
@@ -201,8 +212,10 @@ async def test_model_fetch_transport_failure_rotates_once_and_retry_succeeds(aut
     assert [m["slug"] for m in catalog.models] == ["gpt-a"]
     assert catalog.models[0]["x_unknown_field"] == {"kept": True}  # raw JSON kept
     assert catalog.fetched_at == pytest.approx(BASE_WALL, abs=5)
-    assert report["models"] == 1 and report["catalog_refreshed"] is True
-    assert report["rotations"] == 1 and report["errors"] == []
+    assert report["models"] == 1
+    assert report["catalog_refreshed"] is True
+    assert report["rotations"] == 1
+    assert report["errors"] == []
     assert ("model refresh plan=plus account=acc_1 error=transport step=fetch rotated "
             "generation=1->2 retry=ok") in caplog.text
     assert "Traceback" not in caplog.text
@@ -221,7 +234,8 @@ async def test_token_refresh_transport_failure_rotates_once_then_both_succeed(au
     assert ("models", "acct-1", 2) in upstream.calls
     assert stored.tokens.refresh_token == "rt-acct-1-1"  # the new token was persisted
     assert upstream.seen_access[0] == "at-acct-1-1"  # the fetch used the fresh access token
-    assert report["models"] == 1 and report["errors"] == []
+    assert report["models"] == 1
+    assert report["errors"] == []
 
 
 async def test_every_attempt_failing_rotates_once_per_cycle_and_keeps_the_catalog(
@@ -232,7 +246,8 @@ async def test_every_attempt_failing_rotates_once_per_cycle_and_keeps_the_catalo
     async with rig(upstream, [upstream.account(1), upstream.account(2)]) as r:
         await r.scheduler.refresh_now()
         before = await r.scheduler.catalog()
-        assert before is not None and await r.rotations() == 0
+        assert before is not None
+        assert await r.rotations() == 0
         upstream.calls.clear()
         upstream.always["models"] = "transport"
 
@@ -269,7 +284,8 @@ async def test_http_errors_and_bad_payloads_never_rotate_and_fail_over(autojump_
         catalog = await r.scheduler.catalog()
     assert [c for c in upstream.calls if c[0] == "models"] == [
         ("models", "acct-1", 1), ("models", "acct-2", 1), ("models", "acct-3", 1)]
-    assert catalog is not None and [m["slug"] for m in catalog.models] == ["gpt-a"]
+    assert catalog is not None
+    assert [m["slug"] for m in catalog.models] == ["gpt-a"]
     assert report["plans"] == {"plus": "acc_3"}
     labels = {"500": "http_500", "invalid": "invalid_response", "not_json": "invalid_response"}
     assert [e["error"] for e in report["errors"]] == [labels[f] for f in failures]
@@ -286,7 +302,8 @@ async def test_401_forces_one_refresh_and_retries_the_same_account(autojump_cloc
     assert models_calls == [("models", "acct-1", 1), ("models", "acct-1", 1)]
     assert [c for c in upstream.calls if c[0] == "token"] == [("token", "acct-1", 1)]
     assert upstream.seen_access[:2] == ["at-acct-1-0", "at-acct-1-1"]
-    assert report["plans"] == {"plus": "acc_1"} and report["errors"] == []
+    assert report["plans"] == {"plus": "acc_1"}
+    assert report["errors"] == []
     assert "account=acc_1 error=http_401 step=fetch forced_refresh retry=ok" in caplog.text
 
 
@@ -330,7 +347,8 @@ async def test_catalog_on_demand_before_the_first_cycle_is_shared(autojump_clock
             for _ in range(5):
                 askers.start_soon(ask)
         assert upstream.count("models") == 1
-        assert len(answers) == 5 and answers[0] is not None
+        assert len(answers) == 5
+        assert answers[0] is not None
         assert all(a is answers[0] for a in answers)
         assert await r.updates.receive() is answers[0]  # published to the subscriber too
 
@@ -358,19 +376,24 @@ async def test_usage_polling_updates_windows_and_uncools_after_reset(autojump_cl
         await trio.sleep(1)
         first = await r.store.get("acc_1")
         assert first.cooldown_until is not None  # still at 100 %, window not reset yet
-        assert first.usage.primary is not None and first.usage.primary.used_percent == 100.0
+        assert first.usage.primary is not None
+        assert first.usage.primary.used_percent == 100.0
         second = await r.store.get("acc_2")
-        assert second.usage.primary is not None and second.usage.primary.used_percent == 52.0
-        assert second.usage.secondary is not None and second.usage.secondary.used_percent == 7.0
+        assert second.usage.primary is not None
+        assert second.usage.primary.used_percent == 52.0
+        assert second.usage.secondary is not None
+        assert second.usage.secondary.used_percent == 7.0
 
         await trio.sleep_until(101)  # the window resets; the upstream reports a new one
         upstream.usage["acct-1"] = usage_body(3, wall() + 18000, 41, wall() + 86400)
         report = await r.scheduler.refresh_now()
         uncooled = await r.store.get("acc_1")
         assert uncooled.cooldown_until is None
-        assert uncooled.usage.primary is not None and uncooled.usage.primary.used_percent == 3.0
+        assert uncooled.usage.primary is not None
+        assert uncooled.usage.primary.used_percent == 3.0
         assert report["cooldowns_cleared"] == ["acc_1"]
-        assert report["accounts_polled"] == 2 and report["usage_updated"] == 2
+        assert report["accounts_polled"] == 2
+        assert report["usage_updated"] == 2
         assert await r.rotations() == 0
     assert "usage poll account=acc_1 cooldown cleared: primary window reset" in caplog.text
 
@@ -440,3 +463,16 @@ async def test_shutdown_makes_later_calls_fail_fast(autojump_clock):
         await r.scheduler.shutdown()
         with trio.fail_after(1), pytest.raises(ActorUnavailable):
             await r.scheduler.catalog()
+
+
+def test_settings_from_config_reads_upstream_and_refresh_sections() -> None:
+    from service.config import Config, RefreshConfig, UpstreamConfig
+
+    config = Config(upstream=UpstreamConfig(base_url="http://up.test/backend-api",
+                                            client_version="9.9.9"),
+                    refresh=RefreshConfig(models_interval=120.0, usage_interval=30.0,
+                                          usage_concurrency=3))
+    settings = SchedulerSettings.from_config(config)
+    assert (settings.base_url, settings.client_version) == ("http://up.test/backend-api", "9.9.9")
+    assert (settings.models_interval, settings.usage_interval) == (120.0, 30.0)
+    assert (settings.usage_concurrency, settings.usage_spacing) == (3, 0.5)

@@ -146,7 +146,11 @@ class FakeUpstream:
             self._stopped.set()
 
     async def aclose(self) -> None:
-        """Stop gracefully: hung streams drop, then hypercorn drains within graceful_timeout."""
+        """Stop gracefully: hung streams drop, then hypercorn drains within graceful_timeout.
+
+        Returns once ``serve`` has returned. Cancel-safe: a cancelled wait leaves the
+        shutdown under way.
+        """
         self._closing.set()
         self._shutdown.set()
         await self._stopped.wait()

@@ -1,0 +1,167 @@
+"""``codex-lb-trio status``: ask the running server about its accounts and clients.
+
+A plain synchronous httpx client (the command runs outside any trio program): it reads
+``GET /api/accounts`` and ``GET /api/clients`` and prints one block per account with its
+usage windows as bars, then the upstream client generations. Every failure is one line on
+``err`` and exit code 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from typing import Any, TextIO
+
+import httpx
+
+TIMEOUT = 5.0
+BAR_CELLS = 10
+
+
+class StatusError(Exception):
+    """Why the status could not be shown, in one line."""
+
+
+def run_status(
+    base_url: str,
+    *,
+    api_key: str | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Print the server's accounts, usage and client generations; the exit code."""
+    base_url = base_url.rstrip("/")
+    headers = {"accept": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    try:
+        with httpx.Client(base_url=base_url, headers=headers, timeout=TIMEOUT,
+                          trust_env=False) as client:
+            accounts = _accounts(_get(client, base_url, "/api/accounts"))
+            clients = _get(client, base_url, "/api/clients")
+    except StatusError as exc:
+        print(f"codex-lb-trio: {exc}", file=err)
+        return 1
+    now = time.time()
+    lines = [f"codex-lb-trio at {base_url}", "", f"accounts ({len(accounts)})"]
+    if not accounts:
+        lines.append("  none yet: add one with `codex-lb-trio accounts import` or `accounts login`")
+    for account in accounts:
+        lines += _account_lines(account, now)
+    lines += ["", *_client_lines(clients)]
+    print("\n".join(lines), file=out)
+    return 0
+
+
+def _get(client: httpx.Client, base_url: str, path: str) -> Any:
+    try:
+        response = client.get(path)
+    except httpx.ConnectError:
+        raise StatusError(
+            f"no server answering at {base_url} (start it with codex-lb-trio serve)"
+        ) from None
+    except httpx.TimeoutException:
+        raise StatusError(f"the server at {base_url} did not answer within {TIMEOUT:g}s") from None
+    except httpx.HTTPError as exc:
+        raise StatusError(f"cannot reach {base_url}: {type(exc).__name__}") from None
+    if response.status_code == 401:
+        raise StatusError(f"the server at {base_url} wants a proxy API key (see [auth] api_keys)")
+    if response.status_code != 200:
+        raise StatusError(f"GET {path} answered HTTP {response.status_code}: {_message(response)}")
+    try:
+        return response.json()
+    except ValueError:
+        raise StatusError(f"GET {path} answered something that is not JSON") from None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:200] or "no details"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return "no details"
+
+
+def _accounts(body: Any) -> list[dict[str, Any]]:
+    accounts = body.get("accounts") if isinstance(body, dict) else body
+    if not isinstance(accounts, list):
+        raise StatusError("GET /api/accounts answered an unexpected shape")
+    return [a for a in accounts if isinstance(a, dict)]
+
+
+def usage_bar(used_percent: float) -> str:
+    """``[#####-----]  52%``: ten cells, one per 10 %."""
+    clamped = max(0.0, min(100.0, used_percent))
+    filled = int(clamped / 100 * BAR_CELLS + 0.5)
+    return f"[{'#' * filled}{'-' * (BAR_CELLS - filled)}] {used_percent:3.0f}%"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m"
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _account_lines(account: dict[str, Any], now: float) -> list[str]:
+    status = str(account.get("status") or "unknown")
+    reason = account.get("status_reason")
+    if reason and status in ("reauth_required", "deactivated"):
+        status += f" ({reason})"
+    cooldown = _number(account.get("cooldown_until"))
+    if cooldown is not None and cooldown > now:
+        local = dt.datetime.fromtimestamp(cooldown).strftime("%H:%M")
+        status += f" until {local} (in {_duration(cooldown - now)})"
+    head = "  ".join(str(account.get(k) or "-") for k in ("id", "email", "plan"))
+    lines = [f"  {head}  {status}"]
+    usage = _dict(account.get("usage"))
+    shown = False
+    for name in ("primary", "secondary"):
+        window = usage.get(name)
+        used = _number(window.get("used_percent")) if isinstance(window, dict) else None
+        if used is None:
+            continue
+        shown = True
+        line = f"    {name:<9} {usage_bar(used)}"
+        reset_at = _number(window.get("reset_at")) if isinstance(window, dict) else None
+        if reset_at is not None:
+            line += f"  resets in {_duration(reset_at - now)}" if reset_at > now else "  reset"
+        lines.append(line)
+    if not shown:
+        lines.append("    usage not known yet")
+    return lines
+
+
+def _client_lines(clients: Any) -> list[str]:
+    if not isinstance(clients, dict):
+        return ["clients: unexpected answer from /api/clients"]
+    current = clients.get("generation")
+    leases = _dict(clients.get("leases"))
+    retired = {str(g) for g in clients.get("retired") or []}
+    lines = [f"upstream clients: generation {current}"]
+    for generation, held in sorted(leases.items(), key=lambda item: int(item[0])):
+        role = "retired, draining" if generation in retired else "current"
+        lines.append(f"  generation {generation}  {role}  leases={held}")
+    rotations = _dict(clients.get("rotations"))
+    summary = ", ".join(f"{reason}={n}" for reason, n in sorted(rotations.items())) or "none"
+    lines.append(f"  rotations: {summary}; force-closes: {clients.get('force_closes', 0)}")
+    return lines
