@@ -119,7 +119,11 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
             # Refuse the upgrade with a plain HTTP error (Codex then falls back to SSE).
             from service.app import error_response
 
-            return error_response(exc)
+            refused = error_response(exc)
+            # hypercorn 0.18 breaks a keep-alive connection reused after a refused
+            # upgrade: make the client open a fresh one.
+            refused.headers["connection"] = "close"
+            return refused
         await websocket.accept()
 
         async def client_to_upstream() -> None:
