@@ -63,7 +63,9 @@ class ServerProcess:
 
     def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
+        code = self.wait(timeout)
+        self.kill()  # closes the pipe
+        return code
 
     def wait(self, timeout: float = 30.0) -> int:
         try:
@@ -79,14 +81,14 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._reader.join(5)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
 
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
