@@ -17,7 +17,9 @@ Cancellation is never a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +34,7 @@ from actors.client_manager import ClientFactory, ClientHandle, ClientManager, Cl
 from actors.accounts import AccountStore, InMemoryAccountStore
 from actors.network import NetworkWatcher, RouteProbe, WallClock, route_probe_for
 from actors.proxy_handler import ProxyHandle, ProxyHandler, ProxySettings
+from actors.refresh_scheduler import RefreshScheduler, SchedulerHandle, SchedulerSettings
 from actors.token_refresher import RefreshSettings, TokenHandle, TokenRefresher
 
 log = logging.getLogger("codex_lb_trio.supervisor")
@@ -126,6 +129,7 @@ class Engine:
     clients: ClientHandle
     tokens: TokenHandle
     proxy: ProxyHandle
+    scheduler: SchedulerHandle
     store: AccountStore
     network: NetworkWatcher | None
 
@@ -139,6 +143,7 @@ async def open_actors(
     route_probe: RouteProbe | None = None,
     wall_clock: WallClock = time.time,
     watch_network: bool = True,
+    periodic_refresh: bool = True,
     policy: SupervisionPolicy = SupervisionPolicy(),
 ) -> AsyncIterator[Engine]:
     """Start the actors for ``config`` (a service.config.Config) and yield their handles.
@@ -171,6 +176,16 @@ async def open_actors(
         tokens: TokenHandle = await nursery.start(
             partial(supervise, "token refresher", refresher.run, policy, on_exit=refresher.close)
         )
+        scheduler_settings = SchedulerSettings.from_config(config)
+        if not periodic_refresh:  # on demand only (refresh_now, first catalog request)
+            scheduler_settings = dataclasses.replace(scheduler_settings, first_cycle_delay=math.inf)
+        scheduler_actor = RefreshScheduler(
+            store=store, clients=clients, tokens=tokens, settings=scheduler_settings,
+            wall_clock=wall_clock,
+        )
+        scheduler: SchedulerHandle = await nursery.start(partial(
+            supervise, "refresh scheduler", scheduler_actor.run, policy, on_exit=scheduler_actor.close
+        ))
         proxy_handler = ProxyHandler(
             store=store, clients=clients, tokens=tokens,
             settings=ProxySettings.from_config(config), wall_clock=wall_clock,
@@ -178,11 +193,15 @@ async def open_actors(
         proxy: ProxyHandle = await nursery.start(
             partial(supervise, "proxy handler", proxy_handler.run, policy, on_exit=proxy_handler.close)
         )
-        engine = Engine(clients=clients, tokens=tokens, proxy=proxy, store=store, network=watcher)
+        engine = Engine(clients=clients, tokens=tokens, proxy=proxy, scheduler=scheduler,
+                        store=store, network=watcher)
         try:
             yield engine
         finally:
-            # Token writes first (nothing lost), then the clients drain their leases.
+            # Periodic work stops first, then token writes finish (nothing lost), then
+            # the clients drain their leases.
+            with trio.move_on_after(STOP_GRACE, shield=True):
+                await scheduler.shutdown()
             with trio.move_on_after(STOP_GRACE * 12, shield=True):
                 await tokens.shutdown()
             with trio.move_on_after(settings.shutdown_grace + 2 * STOP_GRACE, shield=True):

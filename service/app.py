@@ -160,6 +160,10 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
         await engine.store.remove(account_id)
         return json_response({"removed": account_id})
 
+    @app.post("/api/refresh")
+    async def refresh_now() -> Response:
+        return json_response(await engine.scheduler.refresh_now())
+
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = await engine.clients.stats()

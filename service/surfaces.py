@@ -46,6 +46,8 @@ async def json_body() -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ClientError("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ClientError("request body must be a JSON object")
     return body
@@ -150,21 +152,27 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
             path="/codex/models", method="GET", headers=client_headers(), query=query, stream=False,
         ))
 
-    @app.get("/backend-api/codex/models")
-    async def codex_models() -> Response:
-        query = tuple(request.args.items(multi=True)) or (
-            ("client_version", config.upstream.client_version),)
-        exchange = await fetch_models(query)
-        return Response(exchange.body, status=exchange.status, content_type="application/json")
-
-    @app.get("/v1/models")
-    async def v1_models() -> Response:
+    async def catalog_models() -> list[dict[str, Any]]:
+        """The scheduler's catalog (fetched on demand the first time), else a passthrough."""
+        catalog = await engine.scheduler.catalog()
+        if catalog is not None:
+            return list(catalog.models)
         exchange = await fetch_models((("client_version", config.upstream.client_version),))
         try:
             models = json.loads(exchange.body)["models"]
         except (ValueError, KeyError, TypeError):
             raise InvalidResponse("upstream model catalog has no models list") from None
-        return _json(openai_models_list(models))
+        if not isinstance(models, list):
+            raise InvalidResponse("upstream model catalog has no models list")
+        return models
+
+    @app.get("/backend-api/codex/models")
+    async def codex_models() -> Response:
+        return _json({"models": await catalog_models()})
+
+    @app.get("/v1/models")
+    async def v1_models() -> Response:
+        return _json(openai_models_list(await catalog_models()))
 
     @app.post("/v1/responses")
     async def v1_responses() -> Response:

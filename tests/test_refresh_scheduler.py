@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from actors.token_refresher import RefreshSettings, TokenRefresher
 
 BASE_WALL = 1_800_000_000.0
 BASE_URL = "http://backend.test/backend-api"
-NEVER = 1e9  # a first_cycle_delay that leaves every cycle to the test
+NEVER = math.inf  # a first_cycle_delay that leaves every cycle to the test
 
 
 def wall() -> float:
