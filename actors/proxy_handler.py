@@ -37,13 +37,11 @@ import trio_websocket
 
 from actors import balancer
 from actors import proxy_websocket as ws
-from actors.proxy_websocket import WebSocketSession
 from actors.accounts import AccountStore, Usage
 from actors.client_manager import ClientHandle, Lease, keepalive_socket_options
 from actors.errors import (
     ActorUnavailable,
     AuthExpired,
-    ClientError,
     CodexLBError,
     InvalidResponse,
     PermanentAuth,
@@ -56,6 +54,7 @@ from actors.errors import (
     classify,
 )
 from actors.messages import RotationReason, answer, call, close_inbox
+from actors.proxy_websocket import WebSocketSession
 from actors.token_refresher import TokenHandle
 from actors.upstream import (
     TERMINAL_EVENT_TYPES,

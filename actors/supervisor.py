@@ -24,14 +24,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
-from actors.client_manager import ClientFactory, ClientHandle, ClientManager, ClientSettings
 from actors.accounts import AccountStore, InMemoryAccountStore
+from actors.client_manager import ClientFactory, ClientHandle, ClientManager, ClientSettings
 from actors.network import NetworkWatcher, RouteProbe, WallClock, route_probe_for
 from actors.proxy_handler import ProxyHandle, ProxyHandler, ProxySettings
 from actors.refresh_scheduler import RefreshScheduler, SchedulerHandle, SchedulerSettings
