@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import time
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -188,6 +190,13 @@ class TurnRelay:
         """The fallback: each turn becomes one upstream HTTP SSE exchange."""
         turn = first_turn if first_turn is not None else await self.next_turn()
         while turn is not None:
+            if turn.get("generate") is False:
+                # A prewarm: over a socket it warms the upstream's cache for free, but
+                # as an HTTP call it would be a whole billed turn. Answer it here.
+                for event in prewarm_events(turn):
+                    await self.send_client(json.dumps(event))
+                turn = await self.next_turn()
+                continue
             body = {k: v for k, v in turn.items() if k != "type"}
             body["stream"] = True
             try:
@@ -205,6 +214,23 @@ class TurnRelay:
                         if payload is not None:
                             await self.send_client(json.dumps(payload))
             turn = await self.next_turn()
+
+
+def prewarm_events(turn: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of an empty, completed response for a ``generate: false`` frame."""
+    response = {
+        "id": "resp_prewarm_" + secrets.token_hex(8),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "model": turn.get("model"),
+        "output": [],
+        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+    }
+    return [
+        {"type": "response.created", "response": {**response, "status": "in_progress"}},
+        {"type": "response.completed", "response": response},
+    ]
 
 
 def _frame_type(frame: str | bytes) -> str | None:

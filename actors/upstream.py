@@ -62,7 +62,8 @@ class EventTooLarge(InvalidPayload):
 UPSTREAM_DROP_HEADERS = frozenset(
     {"authorization", "chatgpt-account-id", "host", "content-length", "connection",
      "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
-     "accept-encoding", "cookie", "x-api-key", "api-key"}
+     "accept-encoding", "cookie", "x-api-key", "api-key",
+     "remote-addr"}  # Quart's synthetic header carrying our client's address
 )  # fmt: skip
 UPSTREAM_DROP_PREFIXES = ("proxy-", "x-forwarded-", "sec-websocket-", ":")
 

@@ -1,0 +1,1 @@
+"""End-to-end tests: real clients (Codex CLI, the OpenAI Python SDK) against the whole proxy."""
