@@ -16,17 +16,22 @@ import pytest
 
 from service.status import run_status, usage_bar
 
-NOW = time.time() + 30  # slack: durations are printed rounded down
-ACCOUNTS = [
-    {"id": "acc_1", "email": "a@example.com", "plan": "plus", "status": "active",
-     "usage": {"primary": {"used_percent": 52.0, "reset_at": NOW + 2 * 3600 + 600},
-               "secondary": {"used_percent": 7.0, "reset_at": NOW + 3 * 86400 + 7200}}},
-    {"id": "acc_2", "email": "b@example.com", "plan": "pro", "status": "cooling_down",
-     "cooldown_until": NOW + 1800,
-     "usage": {"primary": {"used_percent": 100.0, "reset_at": NOW + 1800}, "secondary": None}},
-    {"id": "acc_3", "email": "c@example.com", "plan": "plus", "status": "reauth_required",
-     "status_reason": "refresh_token_reused", "usage": {"primary": None, "secondary": None}},
-]
+
+def make_accounts() -> list[dict[str, Any]]:
+    """Accounts whose reset times are relative to now (the run may take a while)."""
+    NOW = time.time() + 30  # noqa: N806 - slack: durations are printed rounded down
+    return [
+        {"id": "acc_1", "email": "a@example.com", "plan": "plus", "status": "active",
+         "usage": {"primary": {"used_percent": 52.0, "reset_at": NOW + 2 * 3600 + 600},
+                   "secondary": {"used_percent": 7.0, "reset_at": NOW + 3 * 86400 + 7200}}},
+        {"id": "acc_2", "email": "b@example.com", "plan": "pro", "status": "cooling_down",
+         "cooldown_until": NOW + 1800,
+         "usage": {"primary": {"used_percent": 100.0, "reset_at": NOW + 1800}, "secondary": None}},
+        {"id": "acc_3", "email": "c@example.com", "plan": "plus", "status": "reauth_required",
+         "status_reason": "refresh_token_reused", "usage": {"primary": None, "secondary": None}},
+    ]
+
+
 CLIENTS = {"generation": 3, "leases": {"2": 1, "3": 4}, "retired": [2],
            "rotations": {"transport": 1, "network-change": 1}, "force_closes": 0}
 
@@ -81,7 +86,8 @@ def status(base_url: str, **kwargs: Any) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("shape", ["object", "list"])
 def test_status_prints_accounts_usage_bars_and_generations(shape: str) -> None:
-    body = {"accounts": ACCOUNTS} if shape == "object" else ACCOUNTS
+    accounts = make_accounts()
+    body = {"accounts": accounts} if shape == "object" else accounts
     with admin_server(body) as base_url:
         code, out, err = status(base_url)
     assert (code, err) == (0, "")
@@ -127,7 +133,7 @@ def test_status_sends_the_api_key_and_explains_a_refusal() -> None:
 
 
 def test_status_reports_a_server_error_in_one_line() -> None:
-    with admin_server({"accounts": ACCOUNTS}, clients_status=503) as base_url:
+    with admin_server({"accounts": make_accounts()}, clients_status=503) as base_url:
         code, out, err = status(base_url + "/")
     assert code == 1
     assert out == ""
