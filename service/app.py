@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from quart import Quart, Response, request
+from quart import Quart, Response, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -54,18 +54,21 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
 
     @app.before_websocket
     async def check_ws_api_key() -> Response | None:
-        from quart import websocket
-
         if not key_digests:
             return None
-        return _refuse_without_key(websocket.headers.get("authorization", ""), key_digests)
+        refused = _refuse_without_key(websocket.headers.get("authorization", ""), key_digests)
+        return upgrade_refusal(refused) if refused is not None else None
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        if has_websocket_context():
+            method, path = "websocket", websocket.path
+        else:
+            method, path = request.method, request.path
         messages = {
-            404: f"no route for {request.method} {request.path}",
-            405: f"{request.method} is not allowed on {request.path}",
+            404: f"no route for {method} {path}",
+            405: f"{method} is not allowed on {path}",
             413: f"request body larger than {config.server.max_body_bytes} bytes "
             "(raise server.max_body_bytes to allow it)",
         }
@@ -73,7 +76,7 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
         err.code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
             status, "invalid_request_error"
         )
-        return error_response(err)
+        return upgrade_refusal(error_response(err))
 
     @app.errorhandler(CodexLBError)
     async def engine_error(exc: CodexLBError) -> Response:
@@ -91,7 +94,8 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+        where = websocket.path if has_websocket_context() else f"{request.method} {request.path}"
+        log.error("unexpected error on %s", where, exc_info=exc)
         return json_response(
             {"error": {"message": "internal error (see the server log)", "type": "server_error",
                        "code": "internal_error"}},
@@ -114,7 +118,16 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
 
     @app.post("/api/clients/rotate")
     async def clients_rotate() -> Response:
-        body = await request.get_json(force=True, silent=True) if await request.get_data() else None
+        raw = await request.get_data()
+        body: Any = None
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise ClientError("body must be empty or a JSON object like "
+                                  '{"seen_generation": 3}') from None
+            if not isinstance(body, dict):
+                raise ClientError('body must be a JSON object like {"seen_generation": 3}')
         seen = body.get("seen_generation") if isinstance(body, dict) else None
         if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool)):
             raise ClientError("seen_generation must be an integer", param="seen_generation")
@@ -171,6 +184,16 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
 
     register_surfaces(app, engine, config)
     return app
+
+
+def upgrade_refusal(response: Response) -> Response:
+    """An HTTP answer to a websocket upgrade must end its connection.
+
+    hypercorn 0.18 fails a keep-alive connection reused after a refused upgrade.
+    """
+    if has_websocket_context():
+        response.headers["connection"] = "close"
+    return response
 
 
 def _refuse_without_key(authorization: str, key_digests: frozenset[str]) -> Response | None:

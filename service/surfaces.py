@@ -47,7 +47,7 @@ async def json_body() -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise ClientError("request body is nested too deeply") from None
+        raise ClientError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ClientError("request body must be a JSON object")
     return body
@@ -119,13 +119,9 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
             ))
         except CodexLBError as exc:
             # Refuse the upgrade with a plain HTTP error (Codex then falls back to SSE).
-            from service.app import error_response
+            from service.app import upgrade_refusal, error_response
 
-            refused = error_response(exc)
-            # hypercorn 0.18 breaks a keep-alive connection reused after a refused
-            # upgrade: make the client open a fresh one.
-            refused.headers["connection"] = "close"
-            return refused
+            return upgrade_refusal(error_response(exc))
         await websocket.accept()
 
         async def client_to_upstream() -> None:
