@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -150,3 +151,29 @@ async def test_new_refresh_token_survives_kill_9(tmp_path, fake_upstream):
             if path.is_file():
                 data = path.read_bytes()
                 assert acct.refresh_token.encode() not in data
+
+
+async def test_status_against_the_running_server(tmp_path, fake_upstream):
+    with trio.fail_after(120):
+        home = tmp_path / "home"
+        config = write_config(tmp_path, fake_upstream.port)
+        acct = fake_upstream.add_account(email="s@example.com", chatgpt_account_id="acct-s", plan="team")
+        fake_upstream.set_usage("acct-s", primary_used=42.0, primary_reset_at=time.time() + 3600,
+                                secondary_used=10.0, secondary_reset_at=time.time() + 86400)
+        with ServerProcess(home, config=config) as server:
+            url = await trio.to_thread.run_sync(server.wait_listening)
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                imported = await http.post("/api/accounts/import", json=fake_upstream.auth_json(acct))
+                assert imported.status_code == 201
+                report = (await http.post("/api/refresh")).json()
+                assert report["accounts_polled"] == 1
+                await http.post("/api/clients/rotate")
+            result = await cli(home, "status", "--url", url, config=config)
+            assert result.returncode == 0, result.stderr
+            assert "s@example.com" in result.stdout and "team" in result.stdout
+            assert "[####------]  42%" in result.stdout
+            assert "generation 2" in result.stdout
+            server.terminate()
+        stopped = await cli(home, "status", "--url", url, config=config)
+        assert stopped.returncode == 1
+        assert stopped.stderr.strip() == f"codex-lb-trio: no server answering at {url} (start it with codex-lb-trio serve)"
