@@ -330,8 +330,8 @@ class ProxyHandler:
             try:
                 now = self._wall_clock()
                 usage = usage_from_headers(response.headers, now)
-                if usage is not None:
-                    await self._record_usage(account_id, usage)
+                if usage is not None:  # advisory: never on the path to the first byte
+                    self._nursery.start_soon(self._record_usage, account_id, usage)
                 if response.status_code >= 400:
                     await self._on_status(response, account_id, attempt, lease)
                     raise AssertionError("unreachable")  # _on_status always raises

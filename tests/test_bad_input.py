@@ -33,14 +33,15 @@ QUIETED_LOGGERS = ("httpx", "httpcore", "hpack")
 def assert_openai_error(
     response: httpx.Response, status: int, *, code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
-    """Check the status and the ``{"error": {"message", "type", "code"}}`` shape; return the error."""
+    """Check the status and OpenAI's ``{"error": {"message", "type", "code"}}``; return it."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert set(body) == {"error"}, body
     error = body["error"]
     for key in ("message", "type", "code"):
-        assert isinstance(error.get(key), str) and error[key], (key, error)
+        assert isinstance(error.get(key), str), (key, error)
+        assert error[key], (key, error)
     assert "Traceback" not in error["message"]
     if code is not None:
         assert error["code"] == code, error
@@ -260,18 +261,22 @@ async def test_bad_websocket_frame_gets_error_event_or_clear_close(
             headers.append((b"openai-beta", b"responses_websockets=2026-02-06"))
             async with open_websocket_url(url, extra_headers=headers) as ws:
                 await ws.send_message(frame)
+                close_reason = None
                 try:
                     reply = await ws.get_message()
                 except ConnectionClosed as closed:
                     await _close_transport_after_server_close(ws)
+                    close_reason = closed.reason
+                if close_reason is not None:
                     # A deliberate close says why: policy/unsupported/invalid data, with a reason.
-                    assert closed.reason.code in (1003, 1007, 1008), closed.reason
-                    assert closed.reason.reason, "the close frame must carry a reason"
+                    assert close_reason.code in (1003, 1007, 1008), close_reason
+                    assert close_reason.reason, "the close frame must carry a reason"
                 else:
                     event = json.loads(reply)
                     assert event["type"] == "error", event
                     error = event["error"]
-                    assert isinstance(error, dict) and error.get("message"), event
+                    assert isinstance(error, dict), event
+                    assert error.get("message"), event
                     assert "Traceback" not in error["message"]
                     # the socket stays usable: the next good frame is a normal turn
                     events = await _ws_turn(ws)
@@ -310,6 +315,81 @@ async def test_websocket_upgrade_without_api_key_does_not_take_the_server_down(
             async with stack.http() as fresh:
                 await assert_still_serving(stack, fresh, authorization="Bearer sekret")
             assert refused.headers.get("connection", "").lower() == "close"
+
+
+# --- the connection itself misbehaves ------------------------------------------------------
+
+RAW_GARBAGE = [
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # both framings: request smuggling shape
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),  # a TLS hello on a plain port
+]
+
+
+@pytest.mark.parametrize("garbage", RAW_GARBAGE, ids=["not-http", "two-framings",
+                                                      "huge-header", "tls-hello"])
+async def test_protocol_garbage_is_refused_and_server_keeps_serving(
+    tmp_path, fake_upstream, chaos, garbage: bytes
+):
+    # These never reach the app (hypercorn answers or hangs up), so the JSON shape is not
+    # ours to give; what matters is a refusal, not a hang, and a server that lives on.
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack, stack.http() as http:
+            host, _, port = stack.url.removeprefix("http://").partition(":")
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                try:
+                    await stream.send_all(garbage)
+                    answer = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    answer = b""  # reset while we were still sending: also a refusal
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:80]
+            await assert_still_serving(stack, http)
+
+
+async def _post_raw_and_hang_up(host: str, port: int, *, after: bytes) -> bytes:
+    """POST a Codex turn over a bare socket, read until ``after`` shows up, then hang up.
+
+    A bare socket keeps the client's own half-read httpx generators out of the picture.
+    """
+    body = json.dumps(CODEX_BODY).encode()
+    head = (f"POST {CODEX_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in CODEX_HEADERS.items()) + "\r\n")
+    received = b""
+    async with await trio.open_tcp_stream(host, port) as stream:
+        await stream.send_all(head.encode() + body)
+        while after not in received:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"the proxy ended the stream early: {received[-200:]!r}"
+            received += chunk
+    return received
+
+
+async def _wait_for_no_leases(stack: Stack) -> None:
+    """Poll the client stats until no lease is held (the caller's fail_after bounds it)."""
+    for _ in range(1_000):
+        if sum((await stack.engine.clients.stats()).leases.values()) == 0:
+            return
+        await trio.sleep(0.05)
+    raise AssertionError("a lease is still held after the client left")
+
+
+async def test_client_leaving_mid_stream_frees_its_lease(tmp_path, fake_upstream, chaos):
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack, stack.http() as http:
+            fake_upstream.event_delay = 0.05
+            fake_upstream.reply_text = " ".join(["slow"] * 200)  # ten seconds of events
+            host, _, port = stack.url.removeprefix("http://").partition(":")
+            received = await _post_raw_and_hang_up(host, int(port), after=b"output_text.delta")
+            assert received.startswith(b"HTTP/1.1 200")
+            # The relay notices on its next send to the gone client and lets go of the lease.
+            await _wait_for_no_leases(stack)
+            fake_upstream.event_delay = 0.0
+            fake_upstream.reply_text = "Hello from the fake upstream."
+            await assert_still_serving(stack, http)
 
 
 # --- proxy API keys ------------------------------------------------------------------
