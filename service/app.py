@@ -76,7 +76,11 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
         err.code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
             status, "invalid_request_error"
         )
-        return upgrade_refusal(error_response(err))
+        response = upgrade_refusal(error_response(err))
+        if status == 413:
+            # The rest of the body is still on the wire: this connection cannot be reused.
+            response.headers["connection"] = "close"
+        return response
 
     @app.errorhandler(CodexLBError)
     async def engine_error(exc: CodexLBError) -> Response:
