@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
@@ -252,27 +252,41 @@ class ProxyHandler:
     async def _serve(self, message: Forward) -> None:
         request, reply = message.request, message.reply
         with reply:
-            attempt = _Attempt()
-            for _ in range(self.settings.max_attempts + 1):  # +1: the rotation retry is free
-                try:
-                    account_id = await self._pick(request, attempt)
-                except CodexLBError as exc:
-                    answer(reply, attempt.last_error if _prefer_last(attempt, exc) else exc)
-                    return
-                self._in_flight[account_id] += 1
-                try:
-                    await self._attempt(request, account_id, attempt, reply)
-                    return
-                except _Failover:
-                    self.counters["failovers"] += 1
-                    continue
-                except CodexLBError as exc:
-                    answer(reply, exc)
-                    return
-                finally:
-                    self._in_flight[account_id] -= 1
-            answer(reply, attempt.last_error or ServerError(
-                "no upstream attempt succeeded", status=502, code="upstream_unavailable"))
+            await self._with_failover(
+                request, reply,
+                lambda account_id, attempt: self._attempt(request, account_id, attempt, reply),
+            )
+
+    async def _with_failover(
+        self, request: ProxyRequest, reply: trio.MemorySendChannel[Any],
+        try_account: Callable[[str, _Attempt], Awaitable[Any]],
+    ) -> Any:
+        """Run ``try_account`` on chosen accounts until one attempt does not fail over.
+
+        Returns that attempt's result; or answers the caller with the final error and
+        returns None.
+        """
+        attempt = _Attempt()
+        for _ in range(self.settings.max_attempts + 1):  # +1: the rotation retry is free
+            try:
+                account_id = await self._pick(request, attempt)
+            except CodexLBError as exc:
+                answer(reply, attempt.last_error if _prefer_last(attempt, exc) else exc)
+                return None
+            self._in_flight[account_id] += 1
+            try:
+                result = await try_account(account_id, attempt)
+                return True if result is None else result
+            except _Failover:
+                self.counters["failovers"] += 1
+            except CodexLBError as exc:
+                answer(reply, exc)
+                return None
+            finally:
+                self._in_flight[account_id] -= 1
+        answer(reply, attempt.last_error or ServerError(
+            "no upstream attempt succeeded", status=502, code="upstream_unavailable"))
+        return None
 
     async def _pick(self, request: ProxyRequest, attempt: _Attempt) -> str:
         if attempt.retry_same is not None:
@@ -431,36 +445,18 @@ class ProxyHandler:
         in_send, in_recv = trio.open_memory_channel[str](ws.FRAME_BUFFER)
         out_send, out_recv = trio.open_memory_channel[str](ws.FRAME_BUFFER)
         with reply, in_recv, out_send:
-            attempt = _Attempt()
-            use_http = False
-            for _ in range(self.settings.max_attempts + 1):
-                try:
-                    account_id = await self._pick(request, attempt)
-                except CodexLBError as exc:
-                    answer(reply, attempt.last_error if _prefer_last(attempt, exc) else exc)
-                    return
-                self._in_flight[account_id] += 1
-                try:
-                    relay = ws.TurnRelay(client_in=in_recv, client_out=out_send, account_id=account_id,
-                                         idle_timeout=lambda: self.settings.idle_timeout,
-                                         http_turn=lambda body: self._http_turn(request, body))
-                    session = ws.WebSocketSession(to_upstream=in_send, from_upstream=out_recv,
-                                                  account_id=account_id, mode="websocket")
-                    if await self._websocket_attempt(request, account_id, attempt, reply, relay, session):
-                        return
-                    use_http = True
-                    break
-                except _Failover:
-                    self.counters["failovers"] += 1
-                    continue
-                except CodexLBError as exc:
-                    answer(reply, exc)
-                    return
-                finally:
-                    self._in_flight[account_id] -= 1
-            if not use_http:
-                answer(reply, attempt.last_error or ServerError(
-                    "no upstream attempt succeeded", status=502, code="upstream_unavailable"))
+            session = ws.WebSocketSession(to_upstream=in_send, from_upstream=out_recv,
+                                          account_id="", mode="websocket")
+            relay = ws.TurnRelay(client_in=in_recv, client_out=out_send, account_id="",
+                                 idle_timeout=lambda: self.settings.idle_timeout,
+                                 http_turn=lambda body: self._http_turn(request, body))
+
+            async def try_account(account_id: str, attempt: _Attempt) -> str:
+                session.account_id = relay.account_id = account_id
+                done = await self._websocket_attempt(request, account_id, attempt, reply, relay, session)
+                return "done" if done else "use-http"
+
+            if await self._with_failover(request, reply, try_account) != "use-http":
                 return
             # The upstream does not speak websockets: serve the turns over HTTP SSE.
             self.counters["websocket_http_fallbacks"] += 1
