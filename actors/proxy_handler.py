@@ -345,7 +345,7 @@ class ProxyHandler:
                 now = self._wall_clock()
                 usage = usage_from_headers(response.headers, now)
                 if usage is not None:  # advisory: never on the path to the first byte
-                    self._nursery.start_soon(self._record_usage, account_id, usage)
+                    self._note_usage(account_id, usage)
                 if response.status_code >= 400:
                     await self._on_status(response, account_id, attempt, lease)
                     raise AssertionError("unreachable")  # _on_status always raises
@@ -430,6 +430,10 @@ class ProxyHandler:
             self.counters["server_errors"] += 1
             log.info("proxy account=%s error=%s status=%d: failing over", account_id, code, status)
         raise _Failover
+
+    def _note_usage(self, account_id: str, usage: Usage) -> None:
+        """Record a live usage reading without waiting (never on the path to a byte)."""
+        self._nursery.start_soon(self._record_usage, account_id, usage)
 
     async def _record_usage(self, account_id: str, usage: Usage) -> None:
         try:
@@ -566,7 +570,7 @@ class ProxyHandler:
                     if payload is not None and kind == "codex.rate_limits":
                         usage = usage_from_rate_limits_event(payload, self._wall_clock())
                         if usage is not None:
-                            nursery.start_soon(self._record_usage, account_id, usage)
+                            self._note_usage(account_id, usage)
                     if kind in TERMINAL_EVENT_TYPES:
                         state["terminal"] = True
                     if state["committed"]:
