@@ -170,21 +170,27 @@ class Lease:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the manager is gone; its generations are closed already
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
+    async def send(
+        self, request: httpx.Request, *, header_timeout: float | None = None
+    ) -> httpx.Response:
         """Send a request and wait at most ``header_timeout`` for the response headers.
+
+        ``header_timeout`` defaults to the settings' value; calls whose answer is a whole
+        model run (compact) or the token endpoint pass a longer one.
 
         Returns a streaming response (the caller closes it). Transport failures come
         out as TransportError carrying this lease's generation, so the caller can
         ``rotate(seen_generation=err.generation)``.
         """
-        with trio.move_on_after(self.settings.header_timeout) as scope:
+        wait = self.settings.header_timeout if header_timeout is None else header_timeout
+        with trio.move_on_after(wait) as scope:
             try:
                 return await self.client.send(request, stream=True)
             except Exception as exc:
                 raise classify(exc, phase=Phase.HEADERS, generation=self.generation) from exc
         assert scope.cancelled_caught
         raise TransportError(
-            f"no response headers within {self.settings.header_timeout:g}s",
+            f"no response headers within {wait:g}s",
             phase=Phase.HEADERS,
             path_dead=True,
             generation=self.generation,
