@@ -107,10 +107,13 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         ))
 
     @app.post("/backend-api/codex/responses")
+    @app.post("/responses", endpoint="root_responses")
     async def codex_responses() -> Response:
+        # /responses: the same for clients whose base URL is the server root.
         return sse_response(await forward_codex("/codex/responses", stream=True))
 
     @app.websocket("/backend-api/codex/responses")
+    @app.websocket("/responses", endpoint="root_responses_websocket")
     async def codex_responses_websocket() -> Response | None:
         headers = tuple((k.lower(), v) for k, v in websocket.headers.items())
         try:
@@ -122,7 +125,8 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
             from service.app import upgrade_refusal, error_response
 
             return upgrade_refusal(error_response(exc))
-        await websocket.accept()
+        # The upstream's upgrade headers Codex reads (x-codex-turn-state, x-models-etag, …).
+        await websocket.accept(headers=session.headers)
 
         async def client_to_upstream() -> None:
             with session.to_upstream:
