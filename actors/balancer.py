@@ -14,7 +14,8 @@ Policy, in order:
 3. Otherwise the best score wins: usage headroom minus a penalty per request already in
    flight, so equal accounts share concurrent load evenly. Exhausted accounts (0 %
    headroom) come last whatever their load, unless they have credits: the backend
-   bills those past the plan's limit, so such an account is still usable. Ties go to the oldest account, then the id.
+   bills those past the plan's limit, so such an account is still usable. Ties go to
+   the oldest account, then the id.
 
 Errors::
 
