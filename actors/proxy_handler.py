@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
@@ -117,6 +117,10 @@ class ProxyRequest:
     query: tuple[tuple[str, str], ...] = ()
     stream: bool = True
     sticky_key: str | None = None
+    # A raw body streamed as it comes (an upload), sent instead of ``body``. It can be sent
+    # once: an attempt after it was consumed fails with the iterable's own error.
+    content: AsyncIterable[bytes] | None = None
+    header_timeout: float | None = None  # None: the lease's default
 
 
 @dataclass(slots=True, kw_only=True)
@@ -334,10 +338,11 @@ class ProxyHandler:
                     request.headers, access_token=fresh.tokens.access_token,
                     chatgpt_account_id=fresh.account.chatgpt_account_id,
                 ),
-                content=json.dumps(request.body).encode() if request.body is not None else None,
+                content=(request.content if request.content is not None else
+                         json.dumps(request.body).encode() if request.body is not None else None),
             )
             try:
-                response = await lease.send(http_request)
+                response = await lease.send(http_request, header_timeout=request.header_timeout)
             except TransportError as exc:
                 await self._on_transport(exc, lease, account_id, attempt)
                 raise _Failover from None

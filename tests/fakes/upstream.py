@@ -73,6 +73,7 @@ class FakeUpstream:
         self.models_etag = "fake-models-etag-1"
         self.transcription_text: str | None = None  # None: "fake transcription of N bytes"
         self.sockets: set[FakeSocket] = set()  # open WebSockets
+        self.ws_raw_frames: list[str] = []  # every text frame received, exactly as sent
         # State.
         self.accounts: dict[str, FakeAccount] = {}
         self.requests: list[RecordedRequest] = []
@@ -365,6 +366,7 @@ class FakeUpstream:
         self.faults.clear()
         self._counts.clear()
         self.requests.clear()
+        self.ws_raw_frames.clear()
 
 
 @asynccontextmanager

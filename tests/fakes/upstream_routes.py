@@ -441,6 +441,8 @@ async def _serve_ws_turns(
     account_id = sock.account_id
     while True:
         raw = await websocket.receive()
+        if isinstance(raw, str):
+            fake.ws_raw_frames.append(raw)
         try:
             frame = json.loads(raw)
         except ValueError:
