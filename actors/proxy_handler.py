@@ -499,6 +499,17 @@ class ProxyHandler:
                     if answer(reply, session):
                         links.start_soon(ws.pump_client, in_recv.clone(), events_send.clone())
                         await session_relay.run()
+                except Exception as exc:
+                    # A fault stays in its session: the client hears of it, the actor does not.
+                    self.counters["websocket_session_errors"] += 1
+                    log.exception("websocket session account=%s failed", session_relay.account_id)
+                    with trio.move_on_after(1):
+                        try:
+                            await out_send.send(ws.error_frame(
+                                500, "internal_error",
+                                f"proxy session failed: {type(exc).__name__}"))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
                 finally:
                     self.counters.update({f"websocket_{name}": count
                                           for name, count in session_relay.counters.items()})
