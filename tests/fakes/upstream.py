@@ -70,6 +70,7 @@ class FakeUpstream:
         self.device_poll_interval = 1
         self.allowed_redirect_uris: set[str] | None = None  # None: any redirect_uri
         self.websocket_max_age: float | None = None  # seconds (trio clock); None: no cap
+        self.websocket_close_after_turns: int | None = None  # close each socket after N turns
         self.models_etag = "fake-models-etag-1"
         self.transcription_text: str | None = None  # None: "fake transcription of N bytes"
         self.sockets: set[FakeSocket] = set()  # open WebSockets

@@ -26,6 +26,7 @@ _SETTINGS: dict[str, type | tuple[type, ...]] = {
     "revoke_family_on_reuse": bool,
     "models": list,
     "websocket_max_age": (int, float, type(None)),
+    "websocket_close_after_turns": (int, type(None)),
     "transcription_text": (str, type(None)),
 }
 

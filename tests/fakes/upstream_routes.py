@@ -430,6 +430,7 @@ class FakeSocket:
         self.account_id = account_id
         self.opened_at = opened_at
         self.in_turn = False
+        self.turns = 0
         self.aged = False  # the next turn is refused with websocket_connection_limit_reached
         self.close_idle = trio.Event()
 
@@ -483,6 +484,12 @@ async def _serve_ws_turns(
             sock.in_turn = False
         if close is not None:
             return close
+        sock.turns += 1
+        limit = fake.websocket_close_after_turns
+        if limit is not None and sock.turns >= limit:
+            # The socket dies between turns, right after this one's terminal event.
+            fake.record("ws_idle_closes", account_id, headers, None)
+            return 1000, "idle timeout"
 
 
 async def _serve_ws_turn(
