@@ -167,6 +167,7 @@ class TokenVersionConflict(Exception):
         self.account_id = account_id
         self.stored = stored
         self.expected = expected
+        self.current: Account | None = None  # the stored account, when the store has it
 
 
 def token_fingerprint(token: str) -> str:

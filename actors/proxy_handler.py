@@ -348,12 +348,8 @@ class ProxyHandler:
         if attempt.retry_same is not None:
             account_id, attempt.retry_same = attempt.retry_same, None
             return account_id
-        try:
-            accounts = await self._store.list_accounts()
-        except StoreFailure as exc:
-            err = ActorUnavailable(f"the account store failed: {exc}")
-            err.code = "store_unavailable"
-            raise err from None
+        # A store failure here is this request's 503, answered at its task boundary.
+        accounts = await self._store.list_accounts()
         sticky_id = self._sticky.get(request.sticky_key) if request.sticky_key else None
         try:
             choice = balancer.choose(

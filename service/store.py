@@ -456,6 +456,10 @@ class SQLiteAccountStore:
             except AccountNotFound:
                 self._accounts.pop(account_id, None)  # removed by another process
                 raise
+            except TokenVersionConflict as conflict:
+                if conflict.current is not None:  # another process saved newer tokens
+                    self._accounts[account_id] = conflict.current
+                raise
             self._accounts[account.id] = account
             return account
 
@@ -579,8 +583,10 @@ class SQLiteAccountStore:
                     if row is None:
                         raise AccountNotFound(account_id)
                     if row[0] > expected_version:
-                        raise TokenVersionConflict(
+                        conflict = TokenVersionConflict(
                             account_id, stored=row[0], expected=expected_version)
+                        conflict.current = _select(db, cipher, account_id)
+                        raise conflict
                 cursor = db.execute(
                     f"UPDATE accounts SET {assignments} WHERE id = ?", (*values, account_id)
                 )
