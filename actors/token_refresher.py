@@ -234,6 +234,7 @@ class TokenRefresher:
                         case ShutdownRefresher():
                             with message.reply:
                                 await self._finish_exchanges()
+                                await self._flush_pending()
                                 answer(message.reply, None)
                             nursery.cancel_scope.cancel()
                             break
@@ -260,11 +261,6 @@ class TokenRefresher:
                             answer(message.reply, ActorUnavailable("the token refresher is stopping"))
                     case _:
                         assert_never(message)
-        # Pending token writes get one last bounded try (a crash of the process after this
-        # would lose them; the background writer would have kept trying).
-        for account_id in list(self._pending):
-            with trio.move_on_after(BODY_AND_WRITE_BOUND):
-                await self._write_pending_once(account_id)
 
     # --- requests -------------------------------------------------------------------
 
@@ -520,6 +516,15 @@ class TokenRefresher:
         if self._pending.get(account_id) is pending:
             del self._pending[account_id]
         return account_id not in self._pending
+
+    async def _flush_pending(self) -> None:
+        """One last bounded try at every token write still pending (stopping for good)."""
+        with trio.move_on_after(BODY_AND_WRITE_BOUND):
+            for account_id in list(self._pending):
+                await self._write_pending_once(account_id)
+        for account_id in self._pending:
+            log.error("token write account=%s still failing at shutdown: the new tokens are "
+                      "lost with this process; the account may need a new login", account_id)
 
     def _start_writer(self, account_id: str) -> None:
         if account_id not in self._writers:
