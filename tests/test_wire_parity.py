@@ -506,3 +506,89 @@ async def test_fake_backend_decodes_compressed_request_bodies(fake_upstream, enc
             unknown = await http.post("/codex/responses", content=raw,
                                       headers={**auth, "content-encoding": "br"})
             assert unknown.status_code == 415
+
+
+# --- the parsing underneath (pure) -------------------------------------------------------------
+
+
+NOW = 1_700_000_000.0
+
+
+def test_credits_and_families_from_headers_round_trip_through_the_usage_json():
+    from actors.accounts import Credits, Usage
+    from actors.upstream import merge_usage, usage_from_headers
+
+    usage = usage_from_headers({
+        "X-Codex-Primary-Used-Percent": "100", "x-codex-primary-reset-at": str(int(NOW) + 60),
+        "x-codex-credits-has-credits": "True", "x-codex-credits-unlimited": "false",
+        "x-codex-credits-balance": "17.25",
+        "x-codex-bengalfox-primary-used-percent": "3.5",
+        "x-codex-bengalfox-primary-window-minutes": "300",
+        "x-codex-bengalfox-limit-name": "GPT-5.3-Codex-Spark",
+        "x-codex-turn-state": "not a family",
+    }, NOW)
+    assert usage is not None
+    assert usage.credits == Credits(has_credits=True, unlimited=False, balance="17.25")
+    [family] = usage.families
+    assert (family.name, family.limit_name) == ("codex-bengalfox", "GPT-5.3-Codex-Spark")
+    assert family.primary is not None
+    assert family.primary.used_percent == 3.5
+    assert family.primary.window_seconds == 18000
+    assert Usage.from_json(json.loads(json.dumps(usage.to_json()))) == usage
+    # Credits alone are a reading; a later reading without them keeps them.
+    only_credits = usage_from_headers({"x-codex-credits-has-credits": "false"}, NOW)
+    assert only_credits is not None
+    assert only_credits.credits == Credits(has_credits=False)
+    merged = merge_usage(usage, Usage(updated_at=NOW + 1))
+    assert merged.credits == usage.credits
+    assert merged.families == usage.families
+    assert usage_from_headers({"x-codex-credits-has-credits": "maybe"}, NOW) is None
+
+
+def test_credits_from_the_rate_limits_event():
+    from actors.accounts import Credits
+    from actors.upstream import usage_from_rate_limits_event
+
+    event = {"type": "codex.rate_limits", "rate_limits": {"primary": {"used_percent": 5}},
+             "credits": {"has_credits": True, "unlimited": True, "balance": None}}
+    usage = usage_from_rate_limits_event(event, NOW)
+    assert usage is not None
+    assert usage.credits == Credits(has_credits=True, unlimited=True, balance=None)
+    credits_only = usage_from_rate_limits_event(
+        {"type": "codex.rate_limits", "credits": {"has_credits": False}}, NOW)
+    assert credits_only is not None
+    assert credits_only.primary is None
+
+
+@pytest.mark.parametrize(("frame", "kind"), [
+    ('{"type":"response.create"}', "response.create"),
+    ('{"response_id":"r","type":"response.processed"}', "response.processed"),
+    ('{"type":"some.future.frame","x":[1]}', "some.future.frame"),
+])
+def test_well_formed_frames_are_relayed_whatever_their_type(frame, kind):
+    from actors.proxy_websocket import frame_type
+
+    assert frame_type(frame) == kind
+
+
+@pytest.mark.parametrize("frame", [b"{}", "nope", "[1]", '{"type": 3}', '{"type": ""}', "{}",
+                                   '{"type":"x","pad":"' + "a" * (16 * 1024 * 1024) + '"}'],
+                         ids=["binary", "not-json", "list", "type-number", "type-empty",
+                              "no-type", "oversize"])
+def test_malformed_frames_are_refused(frame):
+    from actors.proxy_websocket import frame_type
+
+    with pytest.raises(ValueError, match=r"."):
+        frame_type(frame)
+
+
+def test_upstream_frames_are_read_without_parsing_unless_the_relay_acts_on_them():
+    from actors.proxy_websocket import _peek
+
+    assert _peek('{"type":"response.output_text.delta","delta":"{\\"type\\":\\"error\\"}"}') == (
+        "response.output_text.delta", None)
+    kind, payload = _peek('{"sequence_number":1,"type":"error","error":{"code":"x"}}')
+    assert kind == "error"
+    assert payload is not None
+    assert payload["error"]["code"] == "x"
+    assert _peek("not json") == (None, None)
