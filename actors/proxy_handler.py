@@ -76,6 +76,15 @@ from actors.upstream import (
     usage_from_rate_limits_event,
 )
 from actors.usage_writer import UsageWriter
+from actors.ws_session import (
+    LinkOpenFailed,
+    SessionEvent,
+    SessionHooks,
+    SessionRelay,
+    UpstreamLink,
+    pump_client,
+    serve_link,
+)
 
 log = logging.getLogger("codex_lb_trio.proxy")
 
@@ -522,7 +531,7 @@ class ProxyHandler:
         request, reply = message.request, message.reply
         in_send, in_recv = trio.open_memory_channel[str | bytes](ws.FRAME_BUFFER)
         out_send, out_recv = trio.open_memory_channel[str](ws.FRAME_BUFFER)
-        events_send, events_recv = trio.open_memory_channel[ws.SessionEvent](ws.FRAME_BUFFER)
+        events_send, events_recv = trio.open_memory_channel[SessionEvent](ws.FRAME_BUFFER)
         with reply, in_recv, out_send, events_send, events_recv:
             session = ws.WebSocketSession(to_upstream=in_send, from_upstream=out_recv,
                                           account_id="", mode="websocket")
@@ -549,11 +558,11 @@ class ProxyHandler:
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             pass  # the client left
                     return
-                link: ws.UpstreamLink = first
+                link: UpstreamLink = first
                 session.account_id = link.account_id
                 session.headers = {k: v for k, v in link.headers.items()
                                    if k in ws.FORWARDED_UPGRADE_HEADERS}
-                hooks = ws.SessionHooks(
+                hooks = SessionHooks(
                     reconnect=lambda account_id: self._reconnect_websocket(
                         request, account_id, links, events_send),
                     fail_over=lambda tried: self._fail_over_websocket(
@@ -561,11 +570,11 @@ class ProxyHandler:
                     cool_down=self._cool_down_from_stream, note_usage=self._note_usage,
                     wall_clock=self._wall_clock, max_failovers=self.settings.max_attempts,
                 )
-                session_relay = ws.SessionRelay(link=link, events=events_recv, client_out=out_send,
+                session_relay = SessionRelay(link=link, events=events_recv, client_out=out_send,
                                                 hooks=hooks)
                 try:
                     if answer(reply, session):
-                        links.start_soon(ws.pump_client, in_recv.clone(), events_send.clone())
+                        links.start_soon(pump_client, in_recv.clone(), events_send.clone())
                         await session_relay.run()
                 except Exception as exc:
                     # A fault stays in its session: the client hears of it, the actor does not.
@@ -585,17 +594,17 @@ class ProxyHandler:
 
     async def _websocket_attempt(
         self, request: ProxyRequest, account_id: str, attempt: _Attempt,
-        links: trio.Nursery, events_send: trio.MemorySendChannel[ws.SessionEvent],
-    ) -> ws.UpstreamLink | None:
+        links: trio.Nursery, events_send: trio.MemorySendChannel[SessionEvent],
+    ) -> UpstreamLink | None:
         """One upstream socket on ``account_id``. None: the upstream wants HTTP instead."""
         fresh = await self._fresh_tokens(account_id, attempt)
         headers = ws.handshake_headers(request.headers, fresh.tokens.access_token,
                                        fresh.account.chatgpt_account_id)
         url = ws.websocket_url(self.settings.base_url, request.path)
         try:
-            link: ws.UpstreamLink = await links.start(
+            link: UpstreamLink = await links.start(
                 self._hold_websocket, account_id, url, ws.handshake_extra(headers), events_send)
-        except ws.LinkOpenFailed as failed:
+        except LinkOpenFailed as failed:
             leaf, lease = failed.error, failed.lease
             if isinstance(leaf, trio_websocket.ConnectionRejected):
                 if leaf.status_code in ws.USE_HTTP_STATUSES:
@@ -623,14 +632,14 @@ class ProxyHandler:
 
     async def _hold_websocket(
         self, account_id: str, url: str, extra: list[tuple[bytes, bytes]],
-        events_send: trio.MemorySendChannel[ws.SessionEvent],
-        *, task_status: trio.TaskStatus[ws.UpstreamLink] = trio.TASK_STATUS_IGNORED,
+        events_send: trio.MemorySendChannel[SessionEvent],
+        *, task_status: trio.TaskStatus[UpstreamLink] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """One upstream socket under its own lease, counted in flight while it lives."""
         async with self._clients.lease() as lease:
             self._in_flight[account_id] += 1
             try:
-                await ws.serve_link(account_id=account_id, url=url, extra_headers=extra,
+                await serve_link(account_id=account_id, url=url, extra_headers=extra,
                                     connect_timeout=self.settings.connect_timeout, lease=lease,
                                     events=events_send, task_status=task_status)
             finally:
@@ -638,8 +647,8 @@ class ProxyHandler:
 
     async def _reconnect_websocket(
         self, request: ProxyRequest, account_id: str, links: trio.Nursery,
-        events_send: trio.MemorySendChannel[ws.SessionEvent],
-    ) -> ws.UpstreamLink:
+        events_send: trio.MemorySendChannel[SessionEvent],
+    ) -> UpstreamLink:
         """A fresh socket on the same account (its turns may name its previous responses).
 
         The usual retries apply (a forced refresh after a 401, one rotation after a
@@ -664,8 +673,8 @@ class ProxyHandler:
 
     async def _fail_over_websocket(
         self, request: ProxyRequest, tried: set[str], links: trio.Nursery,
-        events_send: trio.MemorySendChannel[ws.SessionEvent],
-    ) -> ws.UpstreamLink:
+        events_send: trio.MemorySendChannel[SessionEvent],
+    ) -> UpstreamLink:
         """A socket on another account for a turn that failed before its first event."""
         reply_send, reply_recv = trio.open_memory_channel[Any](1)
 
@@ -684,7 +693,7 @@ class ProxyHandler:
         picker = ProxyRequest(path=request.path, headers=request.headers)  # no stickiness
         with reply_send, reply_recv:
             result = await self._with_failover(picker, reply_send, try_account)
-            if isinstance(result, ws.UpstreamLink):
+            if isinstance(result, UpstreamLink):
                 return result
             try:
                 error = reply_recv.receive_nowait()

@@ -583,7 +583,7 @@ def test_malformed_frames_are_refused(frame):
 
 
 def test_upstream_frames_are_read_without_parsing_unless_the_relay_acts_on_them():
-    from actors.proxy_websocket import _peek
+    from actors.ws_session import _peek
 
     assert _peek('{"type":"response.output_text.delta","delta":"{\\"type\\":\\"error\\"}"}') == (
         "response.output_text.delta", None)
