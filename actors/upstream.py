@@ -63,7 +63,8 @@ UPSTREAM_DROP_HEADERS = frozenset(
     {"authorization", "chatgpt-account-id", "host", "content-length", "connection",
      "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
      "accept-encoding", "cookie", "x-api-key", "api-key",
-     "remote-addr"}  # Quart's synthetic header carrying our client's address
+     "remote-addr",  # Quart's synthetic header carrying our client's address
+     "origin", "referer", "x-csrf-token"}  # a browser's, about our client's page: not upstream's
 )  # fmt: skip
 UPSTREAM_DROP_PREFIXES = ("proxy-", "x-forwarded-", "sec-websocket-", ":")
 
