@@ -64,6 +64,7 @@ UPSTREAM_DROP_HEADERS = frozenset(
      "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
      "accept-encoding", "cookie", "x-api-key", "api-key",
      "remote-addr",  # Quart's synthetic header carrying our client's address
+     "content-encoding",  # we decoded the body (service/body.py); it goes up re-encoded as JSON
      "origin", "referer", "x-csrf-token"}  # a browser's, about our client's page: not upstream's
 )  # fmt: skip
 UPSTREAM_DROP_PREFIXES = ("proxy-", "x-forwarded-", "sec-websocket-", ":")
