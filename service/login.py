@@ -831,7 +831,12 @@ def _usage_text(account: Account) -> str:
 
 
 def format_accounts_table(accounts: list[Account], now: float) -> str:
-    """The `accounts list` table: id, email, plan, status, token expiry, usage. No tokens."""
+    """The `accounts list` table: id, email, plan, status, token expiry, usage. No tokens.
+
+    Every cell is escaped for the terminal (``service.status.printable``).
+    """
+    from service.status import printable
+
     if not accounts:
         return (
             "no accounts yet: add one with `codex-lb-trio accounts import` "
@@ -845,10 +850,10 @@ def format_accounts_table(accounts: list[Account], now: float) -> str:
             status += f" ({_relative(account.cooldown_until - now)})"
         rows.append(
             (
-                account.id,
-                account.email or "-",
-                account.plan,
-                status,
+                printable(account.id),
+                printable(account.email or "-"),
+                printable(account.plan),
+                printable(status),
                 _expiry_text(account.access_expires_at, now),
                 _usage_text(account),
             )
