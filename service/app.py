@@ -133,6 +133,12 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
             {"status": "ok", "generation": stats.generation, "uptime_seconds": round(time.time() - started_at, 1)}
         )
 
+    @app.get("/api/csrf-token")
+    async def csrf_token() -> Response:
+        # Readable only by same-origin pages (the Origin check refuses others, and we send no
+        # CORS headers); clients without an Origin need no token at all.
+        return json_response({"csrf_token": policy.csrf_token, "header": CSRF_HEADER})
+
     @app.get("/api/clients")
     async def clients_stats() -> Response:
         return json_response((await engine.clients.stats()).to_json())

@@ -15,6 +15,7 @@ content type or an unknown encoding). None of them echoes the body.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -148,6 +149,14 @@ def _reject_constant(name: str) -> Any:
     raise ClientError(f"request body is not valid JSON: {name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number too large for a float (1e400) would become infinity: refuse it."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ClientError(f"request body has a number out of range: {text[:20]}")
+    return value
+
+
 class BodyReader:
     """Reads, decodes and parses request bodies for one app (it owns the large-body slots)."""
 
@@ -228,7 +237,8 @@ class BodyReader:
                 raise ClientError("expected Content-Type: application/json, got none",
                                   status=415)
             try:
-                body = json.loads(text, parse_constant=_reject_constant)
+                body = json.loads(text, parse_constant=_reject_constant,
+                                  parse_float=_finite_float)
             except ValueError as exc:
                 raise ClientError(f"request body is not valid JSON: {exc}") from None
             except RecursionError:
