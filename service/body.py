@@ -14,6 +14,7 @@ content type or an unknown encoding). None of them echoes the body.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import zlib
@@ -191,30 +192,36 @@ class BodyReader:
             raise self.too_large()
         encoding = request.headers.get("content-encoding", "")
         decoder = _decoder(encoding)
-        buffer = bytearray()
+        # Decoded to text as it arrives (no long stall at the end); the size limit counts bytes.
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        pieces: list[str] = []
+        size = 0
 
         def sink(data: bytes) -> None:
-            if len(buffer) + len(data) > self.max_bytes:
+            nonlocal size
+            size += len(data)
+            if size > self.max_bytes:
                 raise self.too_large()
-            buffer.extend(data)
+            pieces.append(utf8.decode(data))
 
         try:
             async for chunk in request.body:
                 decoder.feed(chunk, sink)
-                if len(buffer) > self.large_bytes:
+                if size > self.large_bytes:
                     await slot.take()
             decoder.finish(sink)
+            pieces.append(utf8.decode(b"", final=True))
         except (zlib.error, zstandard.ZstdError):
             raise ClientError(
                 f"request body is not valid {encoding.strip().lower()} data "
                 "(corrupt or truncated Content-Encoding)", param="content-encoding",
             ) from None
-        try:
-            return buffer.decode("utf-8")
         except UnicodeDecodeError:
             raise ClientError("request body is not valid JSON: not UTF-8 text") from None
+        try:
+            return "".join(pieces)
         finally:
-            buffer.clear()  # free it before the caller parses the text
+            pieces.clear()  # free them before the caller parses the text
 
     async def json_object(self, *, optional: bool = False) -> dict[str, Any] | None:
         """The request's JSON object, parsed once; ``None`` for an empty body if ``optional``.
