@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     accounts = command(commands, "accounts", help="add, list and manage pooled accounts")
     actions = accounts.add_subparsers(dest="action", required=True, metavar="ACTION")
-    imp = command(actions, "import", help="import a Codex CLI auth.json (default ~/.codex/auth.json)")
+    imp = command(actions, "import",
+                  help="import a Codex CLI auth.json (default ~/.codex/auth.json)")
     imp.add_argument("path", nargs="?", help="auth.json to import")
     imp.set_defaults(run=cmd_accounts_import)
     login = command(actions, "login", help="log in with a browser (or --device)")
@@ -100,9 +101,12 @@ def _with_store(config: Config, work: Callable[[Any], Any]) -> Any:
 
 
 def _report_import(result: Any) -> None:
+    from service.status import printable
+
     verb = "added" if result.created else "updated"
     account = result.account
-    print(f"{verb} account {account.id} ({account.email or account.chatgpt_account_id}, plan {account.plan})")
+    print(printable(f"{verb} account {account.id} "
+                    f"({account.email or account.chatgpt_account_id}, plan {account.plan})"))
     if result.warning:
         print(f"warning: {result.warning}", file=sys.stderr)
 
@@ -198,12 +202,19 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         overrides["port"] = args.port
     if overrides:
         config = with_overrides(config, server=overrides)
+    from service.store import StoreError
+
     try:
         trio.run(serve, config)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
     except BaseExceptionGroup as group:
         os_errors, rest = group.split(OSError)
         if os_errors is not None and rest is None:
             raise CommandError(_describe_os_error(_leaf(os_errors), config)) from None
+        store_errors, rest = group.split(StoreError)
+        if store_errors is not None and rest is None:
+            raise CommandError(str(_leaf(store_errors))) from None
         raise
     return EXIT_OK
 
