@@ -592,3 +592,26 @@ def test_upstream_frames_are_read_without_parsing_unless_the_relay_acts_on_them(
     assert payload is not None
     assert payload["error"]["code"] == "x"
     assert _peek("not json") == (None, None)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "zstd"])
+async def test_compressed_codex_body_reaches_the_backend_through_the_proxy(
+    tmp_path, fake_upstream, chaos, encoding
+):
+    """Codex may send its Responses body zstd-compressed: the proxy decodes it (within the size
+    limit) and the backend, which decodes what it is told is encoded, gets the same JSON."""
+    raw = json.dumps(CODEX_BODY).encode()
+    packed = {"gzip": gzip.compress, "deflate": zlib.compress,
+              "zstd": zstandard.ZstdCompressor().compress}[encoding](raw)
+    with trio.fail_after(DEADLINE):
+        async with open_stack(tmp_path, fake_upstream, chaos, **QUIET) as stack:
+            async with stack.http() as http, http.stream(
+                "POST", "/backend-api/codex/responses", content=packed,
+                headers={**HEADERS, "content-type": "application/json",
+                         "content-encoding": encoding},
+            ) as response:
+                assert response.status_code == 200
+                assert (await read_sse(response))[-1]["type"] == "response.completed"
+            seen = fake_upstream.requests_for("responses")[-1]
+            assert seen.body == CODEX_BODY
+            assert seen.headers.get("content-encoding") in (None, "identity")
