@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -67,6 +68,8 @@ CONNECTION_LIMIT_CODE = "websocket_connection_limit_reached"
 # fail over: nothing has reached the client yet.
 PREAMBLE_TYPES = frozenset({"response.created", "response.in_progress", "codex.rate_limits"})
 HOLD_FRAMES = 8
+# A frame's type where the backend writes it, first in the object: read without parsing.
+TYPE_AT_START = re.compile(r'\s*\{\s*"type"\s*:\s*"([^"\\]+)"')
 # How often one turn may go out again on a fresh socket of the same account before its
 # first event (a socket that died between turns, the 60-minute limit).
 MAX_SAME_ACCOUNT_RESENDS = 2
@@ -233,7 +236,10 @@ class TurnRelay:
                     async for event in exchange.events:
                         payload = parse_event_json(event)
                         if payload is not None:
-                            await self.send_client(json.dumps(payload))
+                            # The event's own JSON when it names its type, else with the type
+                            # its SSE event line gave it.
+                            await self.send_client(event.data if TYPE_AT_START.match(event.data)
+                                                   else json.dumps(payload))
             turn = await self.next_turn()
 
 

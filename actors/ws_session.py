@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from actors.proxy_websocket import (
     HOLD_FRAMES,
     MAX_SAME_ACCOUNT_RESENDS,
     PREAMBLE_TYPES,
+    TYPE_AT_START,
     error_frame,
     frame_type,
     invalid_frame_event,
@@ -462,14 +462,13 @@ class SessionRelay:
 
 # The only upstream frame types whose body the relay reads; every other frame is relayed
 # after reading its type, found without parsing when it leads the object (as the backend
-# writes it).
+# writes it: TYPE_AT_START).
 _PARSED_TYPES = frozenset({"error", "response.failed", "codex.rate_limits"})
-_TYPE_AT_START = re.compile(r'\s*\{\s*"type"\s*:\s*"([^"\\]+)"')
 
 
 def _peek(text: str) -> tuple[str | None, dict[str, Any] | None]:
     """The frame's type, and its parsed body only for the few types the relay acts on."""
-    match = _TYPE_AT_START.match(text)
+    match = TYPE_AT_START.match(text)
     if match is not None and match.group(1) not in _PARSED_TYPES:
         return match.group(1), None
     try:
