@@ -44,6 +44,15 @@ def post_head(port: int, path: str, body: bytes, extra: bytes) -> bytes:
             "connection: close\r\n").encode() + extra + b"\r\n"
 
 
+async def until(read, done, *, bound: float = 5.0) -> None:
+    """Poll ``await read()`` until ``done(value)``, for at most ``bound`` seconds."""
+    with trio.fail_after(bound):
+        for _ in range(int(bound / 0.02) + 1):
+            if done(await read()):
+                return
+            await trio.sleep(0.02)
+
+
 # --- 1: a bad header byte is the client's 400; neighbours never notice ----------------------
 
 
@@ -158,7 +167,8 @@ async def test_store_errors_fail_over_or_answer_503_and_the_actor_lives(autojump
 
 async def test_store_errors_over_real_sockets(tmp_path, fake_upstream, chaos, monkeypatch):
     with trio.fail_after(60):
-        async with open_stack(tmp_path, fake_upstream, chaos, accounts=2) as stack, stack.http() as http:
+        async with (open_stack(tmp_path, fake_upstream, chaos, accounts=2) as stack,
+                    stack.http() as http):
             async def broken_cooldown(account_id, until):
                 raise StoreError("store.db: disk I/O error")
 
@@ -230,8 +240,9 @@ async def test_usage_readings_coalesce_into_one_write_per_interval(autojump_cloc
         usage_writes = [w for w in r.store.writes if w[0] in ("set_usage", "merge_usages")]
         assert 1 <= len(usage_writes) <= 2  # 20 readings (headers + events)
         stored = (await r.store.get("acc_1")).usage
-        assert stored.primary is not None and stored.primary.used_percent == 12.0
-        assert stored.secondary is not None and stored.secondary.used_percent == 33.0
+        assert stored.primary == UsageWindow(used_percent=12.0, window_seconds=18000)
+        assert stored.secondary is not None
+        assert stored.secondary.used_percent == 33.0
 
 
 async def test_usage_of_a_finished_stream_is_flushed_when_the_handler_stops(autojump_clock):
@@ -240,7 +251,8 @@ async def test_usage_of_a_finished_stream_is_flushed_when_the_handler_stops(auto
         await events_of(r.proxy, turn())
         r.nursery.cancel_scope.cancel()  # the engine stops before the next batch
     stored = (await r.store.get("acc_1")).usage
-    assert stored.primary is not None and stored.secondary is not None
+    assert stored.primary is not None
+    assert stored.secondary is not None
 
 
 async def test_partial_readings_of_one_account_both_reach_the_store(tmp_path):
@@ -252,11 +264,9 @@ async def test_partial_readings_of_one_account_both_reach_the_store(tmp_path):
             async with trio.open_nursery() as nursery:
                 await nursery.start(handler.run)
                 handler._note_usage("acc_1", Usage(primary=UsageWindow(used_percent=10.0)))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 handler._note_usage("acc_1", Usage(secondary=UsageWindow(used_percent=20.0)))
-                with trio.fail_after(5):
-                    while (await store.get("acc_1")).usage.secondary is None:
-                        await trio.sleep(0.05)
+                await until(lambda: store.get("acc_1"), lambda a: a.usage.secondary is not None)
                 nursery.cancel_scope.cancel()
             usage = (await store.get("acc_1")).usage
             assert usage.primary == UsageWindow(used_percent=10.0)
@@ -284,12 +294,10 @@ async def test_a_cooldown_never_queues_behind_usage_writes(tmp_path):
                 for index in range(200):  # a burst of streams reporting usage
                     handler._note_usage(f"acc_{index % 5 + 1}",
                                         Usage(primary=UsageWindow(used_percent=float(index))))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 await store.set_cooldown("acc_1", time.time() + 60)  # the failover path
                 assert order.index("set_cooldown") <= 1  # at most one usage batch before it
-                with trio.fail_after(5):
-                    while "merge_usages" not in order:
-                        await trio.sleep(0.05)
+                await until(trio.lowlevel.checkpoint, lambda _: "merge_usages" in order)
                 nursery.cancel_scope.cancel()
             assert order.count("set_usage") == 0
             assert order.count("merge_usages") == 1  # 200 readings, one transaction
