@@ -484,7 +484,8 @@ class ProxyHandler:
                 attempt.refreshed.add(account_id)
                 try:
                     await self._tokens.ensure_fresh(
-                        account_id, force=True, rejected_access_token=attempt.used_tokens.get(account_id))
+                        account_id, force=True,
+                        rejected_access_token=attempt.used_tokens.get(account_id))
                     attempt.retry_same = account_id
                     log.info("proxy account=%s error=401: refreshed, retrying", account_id)
                 except CodexLBError as exc:
@@ -741,9 +742,10 @@ def fault_answer(exc: BaseException, request_id: str) -> tuple[CodexLBError, str
     if isinstance(leaf, PassThrough):
         return leaf, "upstream"
     if isinstance(leaf, CodexLBError) and not isinstance(leaf, UnexpectedError):
+        upstream = TransportError | UpstreamError | InvalidResponse
         kind = ("bad_input" if isinstance(leaf, ClientError)
                 else "unavailable" if isinstance(leaf, ActorUnavailable)
-                else "upstream" if isinstance(leaf, TransportError | UpstreamError | InvalidResponse)
+                else "upstream" if isinstance(leaf, upstream)
                 else "internal")
         if kind != "internal":
             leaf.message = f"{leaf.message}{suffix}"
