@@ -207,6 +207,20 @@ async def test_unclean_close_after_completed_adds_no_failed_event(autojump_clock
         assert sum(e["type"] in TERMINAL_EVENT_TYPES for e in events) == 1
 
 
+async def test_unclean_close_after_completed_over_real_sockets(tmp_path, fake_upstream, chaos):
+    with trio.fail_after(60):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack, stack.http() as http:
+            # Every event, response.completed included, then the connection drops mid-body.
+            fake_upstream.fault("acct-a", "responses",
+                                Fault.stop_midway(after_events=1000, mode="close"))
+            async with http.stream("POST", "/backend-api/codex/responses", json=CODEX_BODY,
+                                   headers=CODEX_HEADERS) as response:
+                assert response.status_code == 200
+                events = await read_sse(response)
+            assert events[-1]["type"] == "response.completed"
+            assert sum(e["type"] in TERMINAL_EVENT_TYPES for e in events) == 1
+
+
 # --- 6: any ensure_fresh failure fails over ------------------------------------------------
 
 
