@@ -291,7 +291,7 @@ class ProxyHandler:
         with reply.clone() as keep:
             try:
                 await work()
-            except Exception as exc:
+            except* Exception as exc:  # Cancelled (alone or beside these) passes through
                 err, fault = fault_answer(exc, request_id)
                 self.faults[fault] += 1
                 answered = answer(keep, err)

@@ -325,3 +325,25 @@ def test_fault_kinds_render_on_metrics():
     assert "# TYPE codex_lb_request_faults_total counter" in text
     assert 'codex_lb_request_faults_total{kind="bad_input"} 2' in text
 
+
+
+@pytest.mark.parametrize(("exc", "status", "kind"), [
+    (UnicodeEncodeError("ascii", "caf\xe9", 3, 4, "ordinal not in range"), 400, "bad_input"),
+    (ClientError("bad", param="x"), 400, "bad_input"),
+    (OSError(104, "Connection reset by peer"), 502, "upstream"),
+    (StoreError("store.db: disk I/O error"), 503, "store"),
+    (ActorUnavailable("the token refresher is shut down"), 503, "unavailable"),
+    (ValueError("a bug"), 500, "internal"),
+    (ExceptionGroup("one", [StoreError("store.db: locked")]), 503, "store"),
+    (ExceptionGroup("two", [ValueError("a"), KeyError("b")]), 500, "internal"),
+])
+def test_fault_answers_by_kind(exc, status, kind):
+    from actors.errors import openai_error_body
+    from actors.proxy_handler import fault_answer
+
+    err, fault = fault_answer(exc, "req_0123")
+    assert (err.http_status, fault) == (status, kind)
+    body = openai_error_body(err)["error"]
+    assert "req_0123" in body["message"]
+    if kind == "internal":
+        assert "bug" not in body["message"]
