@@ -358,9 +358,11 @@ class TokenRefresher:
             result: FreshTokens | CodexLBError = await self._refresh(account)
         except CodexLBError as exc:
             result = exc
+        except AccountNotFound:
+            result = ClientError(f"account {account.id} was removed during its refresh", status=404)
         except Exception as exc:  # e.g. the store failed: report it, keep the actor
             log.error("token refresh account=%s failed unexpectedly", account.id, exc_info=exc)
-            result = classify(exc)
+            result = _lookup_error(exc) if isinstance(exc, StoreFailure) else classify(exc)
         self._schedule_retry(account.id, result)
         await self._inbox_send.send(RefreshDone(account_id=account.id, result=result))
 
@@ -451,6 +453,9 @@ class TokenRefresher:
                                 "login stays", account.id, err.code)
                     newer = await self._store.get(account.id)
                     return FreshTokens(account=newer, tokens=newer.tokens)
+                except Exception as exc:  # the verdict stands even if it could not be saved
+                    log.error("token refresh account=%s status %s not saved: %s", account.id,
+                              status, exc)
                 self._pending.pop(account.id, None)  # that triple is dead upstream
                 log.warning("token refresh account=%s error=%s: status -> %s (log in again)",
                             account.id, err.code, status)
