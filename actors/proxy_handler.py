@@ -166,7 +166,7 @@ class _Attempt:
     transport_retried: set[str] = field(default_factory=set)
     last_error: CodexLBError | None = None
     # The access token each account's last attempt sent: a 401 names it as the stale one.
-    used_tokens: dict[str, str] = field(default_factory=dict)
+    used_tokens: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class _Failover(Exception):
