@@ -53,6 +53,7 @@ from actors.errors import (
     UpstreamError,
     classify,
 )
+from actors.hedge import Hedge
 from actors.messages import RotationReason, answer, call, close_inbox
 from actors.proxy_websocket import WebSocketSession
 from actors.token_refresher import TokenHandle
@@ -117,6 +118,7 @@ class ProxyRequest:
     query: tuple[tuple[str, str], ...] = ()
     stream: bool = True
     sticky_key: str | None = None
+    header_timeout: float | None = None  # None: the streamed-call default (compact: longer)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -325,22 +327,25 @@ class ProxyHandler:
             attempt.tried.add(account_id)
             attempt.last_error = exc
             raise _Failover from None
-        async with self._clients.lease() as lease:
-            http_request = lease.client.build_request(
-                request.method,
-                self.settings.base_url.rstrip("/") + request.path,
-                params=list(request.query) or None,
-                headers=upstream_headers(
-                    request.headers, access_token=fresh.tokens.access_token,
-                    chatgpt_account_id=fresh.account.chatgpt_account_id,
-                ),
-                content=json.dumps(request.body).encode() if request.body is not None else None,
-            )
-            try:
-                response = await lease.send(http_request)
+        async with self._clients.lease() as lease, Hedge(self._clients, lease) as hedge:
+            def build(held: Lease) -> httpx.Request:
+                return held.client.build_request(
+                    request.method,
+                    self.settings.base_url.rstrip("/") + request.path,
+                    params=list(request.query) or None,
+                    headers=upstream_headers(
+                        request.headers, access_token=fresh.tokens.access_token,
+                        chatgpt_account_id=fresh.account.chatgpt_account_id,
+                    ),
+                    content=json.dumps(request.body).encode() if request.body is not None else None,
+                )
+            try:  # a streamed call whose headers are late gets one hedge (actors/hedge.py)
+                response = await hedge.send(build, header_timeout=request.header_timeout,
+                                            hedge=request.stream)
             except TransportError as exc:
                 await self._on_transport(exc, lease, account_id, attempt)
                 raise _Failover from None
+            lease = hedge.lease  # the winner's
             try:
                 now = self._wall_clock()
                 usage = usage_from_headers(response.headers, now)

@@ -42,9 +42,13 @@ class UpstreamConfig:
     client_version: str = "0.169.0"
     connect_timeout: float = 8.0
     header_timeout: float = 15.0
+    compact_header_timeout: float = 300.0
+    token_header_timeout: float = 60.0
     stream_idle_timeout: float = 240.0
     dead_path_silence: float = 3.0
     write_timeout: float = 30.0
+    hedge_after: float = 2.0
+    hedge_factor: float = 3.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,9 +56,10 @@ class ClientConfig:
     rotation_cooldown: float = 1.0
     drain_timeout: float = 900.0
     shutdown_grace: float = 10.0
-    keepalive_idle: int = 15
-    keepalive_interval: int = 5
+    keepalive_idle: int = 5
+    keepalive_interval: int = 2
     keepalive_count: int = 3
+    user_timeout: float = 15.0
     max_connections: int = 200
     watch_interval: float = 1.0
     wake_threshold: float = 5.0
@@ -169,6 +174,14 @@ def _validate(config: Config) -> None:
         ("upstream.header_timeout", config.upstream.header_timeout, 0, None),
         ("upstream.stream_idle_timeout", config.upstream.stream_idle_timeout, 0, None),
         ("upstream.dead_path_silence", config.upstream.dead_path_silence, 0, None),
+        ("upstream.compact_header_timeout", config.upstream.compact_header_timeout, 0, None),
+        ("upstream.token_header_timeout", config.upstream.token_header_timeout, 0, None),
+        ("upstream.hedge_after", config.upstream.hedge_after, 0, None),
+        ("upstream.hedge_factor", config.upstream.hedge_factor, 0, None),
+        ("client.keepalive_idle", config.client.keepalive_idle, 1, None),
+        ("client.keepalive_interval", config.client.keepalive_interval, 1, None),
+        ("client.keepalive_count", config.client.keepalive_count, 1, None),
+        ("client.user_timeout", config.client.user_timeout, 0, None),
         ("client.drain_timeout", config.client.drain_timeout, 0, None),
         ("client.shutdown_grace", config.client.shutdown_grace, 0, None),
         ("client.watch_interval", config.client.watch_interval, 0, None),

@@ -21,7 +21,7 @@ def engine_config(fake, chaos, **client):
     return with_overrides(
         Config(),
         upstream={"base_url": fake.base_url_for(chaos.port), "auth_base_url": fake.auth_base_url_for(chaos.port),
-                  "header_timeout": 1.0, "connect_timeout": 1.0},
+                  "header_timeout": 1.0, "token_header_timeout": 1.0, "connect_timeout": 1.0},
         client={"shutdown_grace": 1.0, **client},
     )
 
@@ -47,7 +47,8 @@ async def test_black_holed_pooled_connection_fails_fast_then_rotated_retry_succe
             elapsed = trio.current_time() - started
             assert 1.0 <= elapsed < 1.5  # the configured header timeout, not a hang
             assert info.value.generation == failed_gen == 1
-            assert info.value.pre_dispatch and info.value.path_dead
+            assert info.value.pre_dispatch
+            assert not info.value.path_dead  # a header timeout alone says nothing about the path
 
             assert await engine.clients.rotate(seen_generation=info.value.generation,
                                                reason=RotationReason.TRANSPORT) == 2
@@ -149,9 +150,10 @@ async def test_refresh_transport_failure_rotates_once_and_retries(tmp_path, fake
                 started = trio.current_time()
                 fresh = await engine.tokens.ensure_fresh(account.id, force=True)
                 took = trio.current_time() - started
-                stats = await engine.clients.stats()
+                stats = await engine.auth_clients.stats()  # the auth server's own pool
                 assert stats.rotations == {"transport": 1}
                 assert stats.generation == 2
+                assert (await engine.clients.stats()).rotations == {}  # the backend's untouched
                 assert fresh.tokens.refresh_token == acct.refresh_token
                 print(f"refresh through a black-holed pool: {took * 1000:.0f} ms (header timeout 1 s)")
         finally:
