@@ -255,7 +255,13 @@ def _main_fake(host: str) -> None:
     trio.run(serve)
 
 
-def _main_drive(url: str, fake_url: str, flip_json: str) -> None:
+def _main_drive(url: str, fake_url: str, flip_json: str, headers_json: str = "{}",
+                timeout: float = 30.0) -> None:
+    """The conversation, the long stream, the header wait and the flip (in the proxy's ns).
+
+    ``url`` is the proxy, or the fake itself with ``headers_json`` carrying an account's
+    token (bench/recovery.py's direct path, which has no recovery of its own).
+    """
     import httpx
     import trio
 
@@ -263,6 +269,7 @@ def _main_drive(url: str, fake_url: str, flip_json: str) -> None:
     from tests.stack import CODEX_BODY
 
     flip_commands = json.loads(flip_json)
+    extra_headers = json.loads(headers_json)
     report: dict[str, Any] = {"requests": []}
 
     async def turn(http: httpx.AsyncClient, record: dict[str, Any]) -> None:
@@ -270,7 +277,7 @@ def _main_drive(url: str, fake_url: str, flip_json: str) -> None:
         record["terminal"] = record["code"] = None
         try:
             async with http.stream("POST", "/backend-api/codex/responses", json=CODEX_BODY,
-                                   headers={"session-id": "netns"}) as response:
+                                   headers={"session-id": "netns", **extra_headers}) as response:
                 record["status"] = response.status_code
                 async for line in response.aiter_lines():
                     if line.startswith("data:") and line[5:].strip() not in ("", "[DONE]"):
@@ -289,7 +296,7 @@ def _main_drive(url: str, fake_url: str, flip_json: str) -> None:
 
     async def drive() -> None:
         limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http, \
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http, \
                 httpx.AsyncClient(timeout=10, trust_env=False) as control:
             t0 = trio.current_time()
             async with trio.open_nursery() as nursery:
@@ -332,6 +339,10 @@ def _main_drive(url: str, fake_url: str, flip_json: str) -> None:
             "after_flip": len(after),
             "failed": sum(1 for r in report["requests"] if r.get("terminal") != "response.completed"),
             "worst_latency_s": round(max(r["ended"] - r["started"] for r in report["requests"]), 3),
+            # until the last request in flight at the flip or issued within 1 s of it ended
+            "recover_s": round(max(r["ended"] for r in [*report["requests"], report["waiting"]]
+                                   if r["started"] < flip + 1.0 and r["ended"] > flip) - flip, 3),
+            "waiting_ok": report["waiting"].get("terminal") == "response.completed",
             "waiting_answered_after_flip_s": round(report["waiting"]["ended"] - flip, 3),
             "stream_ended_after_flip_s": round(report["stream"]["ended"] - flip, 3),
         }
@@ -344,4 +355,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "fake":
         _main_fake(sys.argv[2])
     elif sys.argv[1] == "drive":
-        _main_drive(sys.argv[2], sys.argv[3], sys.argv[4])
+        _main_drive(sys.argv[2], sys.argv[3], sys.argv[4], *sys.argv[5:6],
+                    *[float(t) for t in sys.argv[6:7]])

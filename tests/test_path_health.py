@@ -494,3 +494,43 @@ async def test_upstream_slow_headers_every_request_no_failure(
             assert sum(stats.rotations.values()) <= 1
             assert fake_upstream.count("responses") - before <= 2 * turns  # ≤ 1 hedge each
             assert stats.dead == ()
+
+
+async def test_address_evidence_ends_streams_and_retries_header_waits_on_real_sockets(
+    tmp_path, fake_upstream: FakeUpstream, chaos: ChaosProxy
+):
+    """Address evidence without namespaces: every socket here is bound to 127.0.0.1."""
+    from tests.fakes.faults import Fault
+
+    with trio.fail_after(60):
+        async with open_stack(tmp_path, fake_upstream, chaos,
+                              upstream={"header_timeout": 15.0, "hedge_after": 30.0}) as stack:
+            async with stack.http() as http:
+                _, status, _ = await timed_turn(http)
+                assert status == 200
+            results: dict[str, tuple[float, int, list[dict]]] = {}
+
+            async def run(name: str) -> None:
+                async with stack.http() as own:
+                    results[name] = await timed_turn(own)
+
+            async with trio.open_nursery() as nursery:
+                fake_upstream.fault("*", "responses", Fault.stop_midway(3, mode="silent"))
+                nursery.start_soon(run, "stream")
+                await fake_upstream.wait_for_count("responses", 2)
+                fake_upstream.fault("*", "responses", Fault.slow_headers(20.0))
+                nursery.start_soon(run, "waiting")
+                await fake_upstream.wait_for_count("responses", 3)
+                await trio.sleep(0.3)
+                changed = trio.current_time()
+                await stack.engine.clients.address_changed(old="127.0.0.1", new="127.0.0.2")
+            _, _, stream_events = results["stream"]
+            assert stream_events[-1]["type"] == "response.failed"
+            assert stream_events[-1]["response"]["error"]["code"] == "upstream_connection_lost"
+            took, status, events = results["waiting"]
+            assert status == 200 and events[-1]["type"] == "response.completed"  # retried
+            assert trio.current_time() - changed < 2.0
+            stats = await stack.engine.clients.stats()
+            assert stats.sockets_closed["address"] >= 2
+            assert stats.rotations == {"network-change": 1}
+            assert fake_upstream.count("responses") == 4  # the waiting one once more, no more
