@@ -563,8 +563,7 @@ class ClientManager:
             return
         grant = LeaseGrant(
             generation=current.number, client=current.client, path_dead=current.path_dead,
-            hedge_after=self._latency.hedge_after(self.settings.hedge_after, self.settings.hedge_factor),
-            sockets=current.sockets,
+            hedge_after=self._hedge_after(), sockets=current.sockets,
         )
         if answer(message.reply, grant):
             current.leases += 1
@@ -595,7 +594,9 @@ class ClientManager:
         assert fresh is not None
         if reason is RotationReason.TRANSPORT and seen is not None:
             self._suspect(seen, "a transport failure")
-        elif reason is RotationReason.WAKE or (message.path_dead and reason is not RotationReason.TRANSPORT):
+        elif reason is RotationReason.WAKE or (
+            message.path_dead and reason is not RotationReason.TRANSPORT
+        ):
             # Coalesced or not: every generation older than the current one is dead.
             kind = EvidenceKind.WAKE if reason is RotationReason.WAKE else EvidenceKind.ADDRESS
             for generation in list(self._generations.values()):
@@ -611,7 +612,7 @@ class ClientManager:
         except Exception as exc:
             self._rotation_failures += 1
             log.error(
-                "rotation failed host=%s reason=%s generation=%d error=%s: keeping the current client",
+                "rotation failed host=%s reason=%s generation=%d error=%s: keeping the current one",
                 self.host, reason, current.number, exc,
             )
             return False
@@ -703,7 +704,11 @@ class ClientManager:
         if original is not None and done.hedge != done.original:
             self._mark_dead(original, Evidence(
                 kind=EvidenceKind.HEDGE, host=self.host, generation=done.original,
-                when=trio.current_time(), detail=f"a hedge on generation {done.hedge} answered first"))
+                when=trio.current_time(),
+                detail=f"a hedge on generation {done.hedge} answered first"))
+
+    def _hedge_after(self) -> float:
+        return self._latency.hedge_after(self.settings.hedge_after, self.settings.hedge_factor)
 
     def _stats(self) -> ClientStats:
         assert self._current is not None
@@ -716,7 +721,7 @@ class ClientManager:
             rotations=dict(self._rotations),
             force_closes=self._force_closes,
             rotation_failures=self._rotation_failures,
-            hedge_after=self._latency.hedge_after(self.settings.hedge_after, self.settings.hedge_factor),
+            hedge_after=self._hedge_after(),
             hedges=dict(self._hedges),
             evidence=dict(self._evidence),
             sockets=sum(len(g.sockets) for g in self._generations.values()),

@@ -126,7 +126,8 @@ class Hedge:
 
     async def _hedge_lease_for(self, original: Lease) -> Lease | None:
         try:
-            await self._clients.rotate(seen_generation=original.generation, reason=RotationReason.HEDGE)
+            await self._clients.rotate(seen_generation=original.generation,
+                                       reason=RotationReason.HEDGE)
             self._hedge_lease = await self._clients.acquire()
         except Exception as exc:  # no hedge is no worse than before: the original still runs
             log.info("no hedge for generation=%d: %s", original.generation, exc)

@@ -101,15 +101,18 @@ class SocketRegistry:
 class _TrackedStream(httpcore.AsyncNetworkStream):
     """An httpcore stream that leaves the registry when it closes."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkStream, registry: SocketRegistry, sock: Any) -> None:
+    def __init__(
+        self, inner: httpcore.AsyncNetworkStream, registry: SocketRegistry, sock: Any
+    ) -> None:
         self._inner = inner
         self._registry = registry
         self._sock = sock
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+    # httpcore's interface takes ``timeout`` parameters (hence the ASYNC109 exemptions).
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         return await self._inner.read(max_bytes, timeout)
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         await self._inner.write(buffer, timeout)
 
     async def aclose(self) -> None:
@@ -117,7 +120,8 @@ class _TrackedStream(httpcore.AsyncNetworkStream):
         await self._inner.aclose()
 
     async def start_tls(
-        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+        self, ssl_context: Any, server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> httpcore.AsyncNetworkStream:
         inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
         return _TrackedStream(inner, self._registry, self._sock)
@@ -131,7 +135,7 @@ class _TrackingBackend(httpcore.AsyncNetworkBackend):
         self._inner = inner
         self._registry = registry
 
-    async def connect_tcp(
+    async def connect_tcp(  # noqa: ASYNC109
         self,
         host: str,
         port: int,
@@ -149,10 +153,12 @@ class _TrackingBackend(httpcore.AsyncNetworkBackend):
         return _TrackedStream(stream, self._registry, sock)
 
     async def connect_unix_socket(
-        self, path: str, timeout: float | None = None,
+        self, path: str, timeout: float | None = None,  # noqa: ASYNC109
         socket_options: Iterable[SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        return await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
+        return await self._inner.connect_unix_socket(
+            path, timeout=timeout, socket_options=socket_options
+        )
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)

@@ -152,7 +152,8 @@ async def test_header_wait_on_a_dead_generation_ends_after_dead_path_silence(aut
                 started = trio.current_time()
                 with pytest.raises(TransportError) as info:
                     await get(lease, header_timeout=300.0)
-                assert info.value.path_dead and info.value.pre_dispatch
+                assert info.value.path_dead
+                assert info.value.pre_dispatch
                 results.append(trio.current_time() - started)
 
             async with trio.open_nursery() as waits:
@@ -175,7 +176,8 @@ async def test_wake_marks_every_older_generation_dead_even_when_coalesced(autoju
         third = await clients.acquire()
         # within the cooldown of the last rotation: coalesced, yet 1 and 2 are dead now
         assert await clients.rotate(reason=RotationReason.WAKE) == 3
-        assert first.path_dead.is_set() and second.path_dead.is_set()
+        assert first.path_dead.is_set()
+        assert second.path_dead.is_set()
         assert not third.path_dead.is_set()
         stats = await clients.stats()
         assert stats.dead == (1, 2)
@@ -327,7 +329,8 @@ def test_registry_closes_exactly_the_sockets_on_other_addresses():
     registry.add(old)
     registry.add(kept)
     assert registry.close_not_bound_to("192.168.1.5") == 1
-    assert old.shut and not kept.shut
+    assert old.shut
+    assert not kept.shut
     assert len(registry) == 1
 
 
@@ -364,7 +367,8 @@ async def test_watcher_dns_failure_and_same_address_blip_are_no_change(autojump_
         await trio.sleep(1.5)
         stats = await clients.stats()
         assert stats.rotations == {"network-change": 1}
-        assert old_socket.shut and other.shut  # neither is bound to the route's new address
+        assert old_socket.shut  # neither is bound to the route's new address
+        assert other.shut
         assert stats.sockets_closed == {"address": 2}
         assert stats.dead == ()  # address evidence is per socket, not per generation
         old.release()
@@ -411,8 +415,7 @@ async def test_black_holed_pool_request_succeeds_via_hedge_and_silent_stream_end
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(long_stream)
                 with trio.fail_after(10):
-                    while fake_upstream.count("responses") < 3:
-                        await trio.sleep(0.02)
+                    await fake_upstream.wait_for_count("responses", 3)
                 async with stack.http() as other:
                     _, status, _ = await timed_turn(other)  # pools a second, idle connection
                     assert status == 200
@@ -422,7 +425,8 @@ async def test_black_holed_pool_request_succeeds_via_hedge_and_silent_stream_end
                     results["request"] = await timed_turn(other)
             stream_ended = trio.current_time()
             request_took, status, events = results["request"]
-            assert status == 200 and events[-1]["type"] == "response.completed"
+            assert status == 200
+            assert events[-1]["type"] == "response.completed"
             assert request_took < 3.0, f"request took {request_took:.2f}s"
             _, status, stream_events = results["stream"]
             assert stream_events[-1]["type"] == "response.failed"
@@ -489,7 +493,8 @@ async def test_upstream_slow_headers_every_request_no_failure(
                 fake_upstream.fault("*", "responses", Fault.slow_headers(5.0))
             for _ in range(turns):
                 took, status, events = await timed_turn(http)
-                assert status == 200 and events[-1]["type"] == "response.completed"
+                assert status == 200
+                assert events[-1]["type"] == "response.completed"
             stats = await stack.engine.clients.stats()
             assert sum(stats.rotations.values()) <= 1
             assert fake_upstream.count("responses") - before <= 2 * turns  # ≤ 1 hedge each
@@ -528,7 +533,8 @@ async def test_address_evidence_ends_streams_and_retries_header_waits_on_real_so
             assert stream_events[-1]["type"] == "response.failed"
             assert stream_events[-1]["response"]["error"]["code"] == "upstream_connection_lost"
             took, status, events = results["waiting"]
-            assert status == 200 and events[-1]["type"] == "response.completed"  # retried
+            assert status == 200  # retried
+            assert events[-1]["type"] == "response.completed"
             assert trio.current_time() - changed < 2.0
             stats = await stack.engine.clients.stats()
             assert stats.sockets_closed["address"] >= 2
