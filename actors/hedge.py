@@ -27,7 +27,7 @@ import httpx
 import trio
 
 from actors.client_manager import CLOSE_GRACE, ClientHandle, Lease
-from actors.errors import TransportError
+from actors.errors import CodexLBError
 from actors.messages import HedgeDone, RotationReason
 
 log = logging.getLogger("codex_lb_trio.hedge")
@@ -68,7 +68,8 @@ class Hedge:
     ) -> httpx.Response:
         """Send ``build(lease)``; after ``hedge_after`` without headers, race one hedge.
 
-        Raises the original's TransportError if every attempt failed. Cancel-safe: every
+        Raises the original's error (TransportError, or any CodexLBError) if every attempt
+        failed. Cancel-safe: every
         attempt still waiting is cancelled (closing its connection); a response that lost
         the race is closed.
         """
@@ -76,7 +77,7 @@ class Hedge:
         if not hedge or original.hedge_after == float("inf"):
             return await original.send(build(original), header_timeout=header_timeout)
         winner: list[tuple[httpx.Response, Lease, str]] = []
-        errors: dict[str, TransportError] = {}
+        errors: dict[str, CodexLBError] = {}
         running = {"count": 0}
         settled = trio.Event()
         hedge_generation: list[int] = []
@@ -84,7 +85,7 @@ class Hedge:
         async def attempt(name: str, lease: Lease, scope: trio.CancelScope) -> None:
             try:
                 response = await lease.send(build(lease), header_timeout=header_timeout)
-            except TransportError as exc:
+            except CodexLBError as exc:  # kept, so the caller sees it plain, not grouped
                 errors[name] = exc
                 running["count"] -= 1
                 if running["count"] == 0:
