@@ -431,8 +431,12 @@ class ClientHandle:
         """Replace the client if ``seen_generation`` is still current; returns the current one.
 
         Without ``seen_generation`` the rotation is coalesced with any other in the last
-        ``rotation_cooldown`` seconds. ``path_dead`` (default: true for network-change
-        and wake) shortens the silence allowed to the old generation's streams.
+        ``rotation_cooldown`` seconds. What it says about the old path depends on the
+        reason: ``transport`` makes ``seen_generation`` suspect (dead once a newer one
+        answers); ``wake`` marks every older generation dead, coalesced or not; ``hedge``
+        rotates only from a current generation that has answered before; ``path_dead``
+        (default: true for network-change and wake) marks the older generations dead at
+        once, for callers that know without corroboration.
         """
         dead = reason in DEAD_PATH_REASONS if path_dead is None else path_dead
         result: int = await call(

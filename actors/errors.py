@@ -22,8 +22,10 @@
 ``pre_dispatch`` on a TransportError means no byte of the upstream's answer has
 reached our client yet (the failure happened while connecting, sending, or waiting
 for response headers), so the proxy may still replay the request. ``path_dead``
-means the failure proves the generation's network path is gone (headers never came,
-the connection was reset, or the connect timed out) rather than the peer refusing.
+means the failure hints that the path is gone (a reset, a connect timeout, or a wait
+cut because the generation was already proven dead) rather than the peer refusing; a
+plain header timeout does not set it. On its own it marks nothing: the ClientManager
+decides path health from corroborated evidence (actors/client_manager.py).
 """
 
 from __future__ import annotations

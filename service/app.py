@@ -395,5 +395,6 @@ def _path_health_metrics(per_host: list[ClientStats]) -> list[str]:
         for host_stats in per_host:
             for key, value in values(host_stats).items():
                 extra = f',{label}="{key}"' if label else ""
-                lines.append(f'{name}{{host="{host_stats.host}"{extra}}} {value:g}')
+                shown = "+Inf" if value == float("inf") else f"{value:g}"  # Prometheus spelling
+                lines.append(f'{name}{{host="{host_stats.host}"{extra}}} {shown}')
     return lines

@@ -6,6 +6,7 @@ integration tests at the end go through real sockets and the chaos proxy.
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -540,3 +541,22 @@ async def test_address_evidence_ends_streams_and_retries_header_waits_on_real_so
             assert stats.sockets_closed["address"] >= 2
             assert stats.rotations == {"network-change": 1}
             assert fake_upstream.count("responses") == 4  # the waiting one once more, no more
+
+
+def test_metrics_show_hedges_evidence_and_closed_sockets_per_host():
+    from actors.messages import ClientStats
+    from service.app import render_metrics
+
+    backend = ClientStats(generation=3, leases={3: 1}, retired=(), rotations={"hedge": 1},
+                          force_closes=0, rotation_failures=0, host="backend", hedge_after=2.0,
+                          hedges={"started": 2, "hedge_won": 1}, evidence={"hedge": 1},
+                          sockets_closed={"address": 4})
+    auth = ClientStats(generation=1, leases={1: 0}, retired=(), rotations={}, force_closes=0,
+                       rotation_failures=0, host="auth", hedge_after=math.inf)
+    text = render_metrics(backend, auth)
+    assert 'codex_lb_path_hedges_total{host="backend",outcome="hedge_won"} 1' in text
+    assert 'codex_lb_path_evidence_total{host="backend",kind="hedge"} 1' in text
+    assert 'codex_lb_path_sockets_closed_total{host="backend",reason="address"} 4' in text
+    assert 'codex_lb_path_generation{host="auth"} 1' in text
+    assert 'codex_lb_path_hedge_after_seconds{host="auth"} +Inf' in text
+    assert backend.to_json()["sockets_closed"] == {"address": 4}
