@@ -66,7 +66,8 @@ def test_each_bad_config_value_is_one_line_naming_the_key(tmp_path, capsys, key,
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert f"config key {key}" in err, err
-    assert "Traceback" not in err and "\x1b" not in err
+    assert "Traceback" not in err
+    assert "\x1b" not in err
     for secret in ("short-Key-7", "not-a-digest", "with a line break"):
         assert secret not in err  # a bad key is never echoed
 
@@ -80,7 +81,8 @@ def test_binary_config_file_is_one_line(tmp_path, capsys, content):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert f"config file {config}" in err
-    assert "Traceback" not in err and "\x1b" not in err
+    assert "Traceback" not in err
+    assert "\x1b" not in err
 
 
 def _numeric_keys() -> list[tuple[str, str, type]]:
@@ -127,7 +129,8 @@ async def test_serve_reports_a_replaced_key_in_one_line(tmp_path):
         code, err = await _serve_once(tmp_path, home)
         assert code == 1, err
         assert len(err.strip().splitlines()) == 1, err
-        assert "does not match" in err and "Traceback" not in err
+        assert "does not match" in err
+        assert "Traceback" not in err
 
 
 async def test_serve_reports_a_corrupt_store_in_one_line(tmp_path):
@@ -139,7 +142,8 @@ async def test_serve_reports_a_corrupt_store_in_one_line(tmp_path):
         code, err = await _serve_once(tmp_path, home)
         assert code == 1, err
         assert len(err.strip().splitlines()) == 1, err
-        assert "store.db" in err and "Traceback" not in err
+        assert "store.db" in err
+        assert "Traceback" not in err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes: no read-only store")
@@ -152,7 +156,7 @@ async def test_serve_reports_a_read_only_store_in_one_line(tmp_path):
         assert len(err.strip().splitlines()) == 1, err
 
 
-# --- files: symlinks and modes ---------------------------------------------------------------------
+# --- files: symlinks and modes ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["secret.key", "store.db"])
@@ -168,7 +172,8 @@ async def test_symlinked_key_or_store_is_refused_and_its_target_untouched(tmp_pa
             result = await cli(home, *args)
             assert result.returncode == 1, result
             lines = result.stderr.strip().splitlines()
-            assert len(lines) == 1 and "symbolic link" in lines[0], result.stderr
+            assert len(lines) == 1, result.stderr
+            assert "symbolic link" in lines[0], result.stderr
         assert stat.S_IMODE(target.stat().st_mode) == 0o644
         assert target.read_bytes() == b"precious\n"
 
@@ -189,7 +194,8 @@ async def test_open_modes_are_warned_about_and_our_files_tightened(tmp_path):
         assert stat.S_IMODE(home.stat().st_mode) == 0o755  # the user's choice: warned, not changed
         again = await cli(home, "accounts", "list")
         warned_again = [line for line in again.stderr.splitlines() if "WARNING" in line]
-        assert len(warned_again) == 1 and "data dir" in warned_again[0], again.stderr
+        assert len(warned_again) == 1, again.stderr
+        assert "data dir" in warned_again[0], again.stderr
 
 
 async def test_a_new_data_dir_is_private(tmp_path):
@@ -206,7 +212,7 @@ async def test_a_new_data_dir_is_private(tmp_path):
         assert stat.S_IMODE((home / "store.db").stat().st_mode) == 0o600
 
 
-# --- the store: one bad row -------------------------------------------------------------------------
+# --- the store: one bad row ---------------------------------------------------------------
 
 
 async def test_one_bad_row_is_skipped_not_fatal(tmp_path, caplog):
@@ -228,10 +234,11 @@ async def test_one_bad_row_is_skipped_not_fatal(tmp_path, caplog):
         assert any(bad.account.id in r.getMessage() and "remove" in r.getMessage()
                    for r in caplog.records), caplog.text
         result = await cli(home, "accounts", "list")
-        assert result.returncode == 0 and "good@example.com" in result.stdout
+        assert result.returncode == 0, result.stderr
+        assert "good@example.com" in result.stdout
 
 
-# --- terminal output --------------------------------------------------------------------------------
+# --- terminal output -----------------------------------------------------------------------
 
 FORGED_EMAIL = "\x1b[2J\x1b[Hok@example.com\r\nfake line\u202e"
 
