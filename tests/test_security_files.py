@@ -277,3 +277,23 @@ async def test_accounts_list_and_status_escape_control_characters(tmp_path, fake
             assert status.returncode == 0, status.stderr
             _assert_escaped(status.stdout)
             server.terminate()
+
+
+async def test_an_infinite_time_stored_by_an_older_version_reads_as_unknown(tmp_path):
+    fake = FakeUpstream()
+    home = tmp_path / "home"
+    with trio.fail_after(60):
+        async with await SQLiteAccountStore.open(home) as store:
+            added = await import_auth_data(store, fake.auth_json(fake.add_account(
+                email="inf@example.com", chatgpt_account_id="acct-inf")))
+        with sqlite3.connect(home / "store.db") as db:
+            db.execute("UPDATE accounts SET access_expires_at = ?, cooldown_until = ? WHERE id = ?",
+                       (math.inf, math.nan, added.account.id))
+        async with await SQLiteAccountStore.open(home) as store:
+            (account,) = await store.list_accounts()
+            assert account.access_expires_at is None
+            assert account.cooldown_until is None
+        result = await cli(home, "accounts", "list")
+        assert result.returncode == 0, result.stderr
+        assert "inf@example.com" in result.stdout
+        assert "unknown" in result.stdout
