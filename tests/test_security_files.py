@@ -12,6 +12,8 @@ import math
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -146,14 +148,28 @@ async def test_serve_reports_a_corrupt_store_in_one_line(tmp_path):
         assert "Traceback" not in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes: no read-only store")
 async def test_serve_reports_a_read_only_store_in_one_line(tmp_path):
     with trio.fail_after(60):
         home = await _prepared_home(tmp_path)
-        (home / "store.db").chmod(0o400)
-        code, err = await _serve_once(tmp_path, home)
+        if os.geteuid() != 0:
+            (home / "store.db").chmod(0o400)
+            code, err = await _serve_once(tmp_path, home)
+        else:
+            # Root writes through file modes: make the data dir a read-only mount instead, in
+            # a mount namespace of the child's own.
+            script = (f"mount --bind {home} {home} && mount -o remount,ro,bind {home} && "
+                      f"exec {sys.executable} -m service.cli serve --port 0")
+            env = {**os.environ, "CODEX_LB_TRIO_HOME": str(home)}
+            env.pop("CODEX_LB_TRIO_CONFIG", None)
+            result = await trio.to_thread.run_sync(lambda: subprocess.run(
+                ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                timeout=60, env=env, cwd=Path(__file__).resolve().parent.parent))
+            if "Read-only" not in result.stderr and "codex-lb-trio:" not in result.stderr:
+                pytest.skip(f"cannot make a read-only mount here: {result.stderr.strip()[:200]}")
+            code, err = result.returncode, result.stderr
         assert code == 1, err
         assert len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
 
 
 # --- files: symlinks and modes ------------------------------------------------------------
