@@ -273,7 +273,9 @@ class RequestPolicy:
     def from_config(cls, config: Config) -> RequestPolicy:
         return cls(
             key_digests=config.api_key_digests,
-            allowed_hosts=frozenset(h.lower() for h in config.server.allowed_hosts),
+            # The address we are bound to is a name clients use (unless it is a wildcard).
+            allowed_hosts=frozenset(h.lower() for h in config.server.allowed_hosts)
+            | ({config.server.host.lower()} - {"0.0.0.0", "::", "[::]", ""}),
             allowed_origins=frozenset(o.lower().rstrip("/") for o in config.server.allowed_origins),
             trust_any_host=config.server.trust_any_host,
             csrf_token=secrets.token_urlsafe(32),

@@ -33,15 +33,17 @@ ZSTD_FEED = 512
 # zlib output per call; its max_length keeps a deflate bomb from expanding all at once.
 ZLIB_OUT = 256 * 1024
 JSON_CONTENT_TYPE = "application/json"
+READ_SLICE = 64 * 1024
+CHECKPOINT_BYTES = 1024 * 1024
 
 
 class _Decoder(Protocol):
-    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None: ...
+    def feed(self, data: bytes | memoryview, sink: Callable[[bytes], None]) -> None: ...
     def finish(self, sink: Callable[[bytes], None]) -> None: ...
 
 
 class _Identity:
-    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes | memoryview, sink: Callable[[bytes], None]) -> None:
         sink(data)
 
     def finish(self, sink: Callable[[bytes], None]) -> None:
@@ -57,7 +59,7 @@ class _Zlib:
         self._inflate = zlib.decompressobj(self._wbits)
         self._started = False
 
-    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes | memoryview, sink: Callable[[bytes], None]) -> None:
         try:
             self._drain(data, sink)
         except zlib.error:
@@ -67,7 +69,7 @@ class _Zlib:
             self._inflate = zlib.decompressobj(self._wbits)
             self._drain(data, sink)
 
-    def _drain(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+    def _drain(self, data: bytes | memoryview, sink: Callable[[bytes], None]) -> None:
         pending = data
         while pending:
             out = self._inflate.decompress(pending, ZLIB_OUT)
@@ -90,7 +92,7 @@ class _Zstd:
     def __init__(self) -> None:
         self._inflate = zstandard.ZstdDecompressor().decompressobj()
 
-    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+    def feed(self, data: bytes | memoryview, sink: Callable[[bytes], None]) -> None:
         view = memoryview(data)
         for start in range(0, len(view), ZSTD_FEED):
             if self._inflate.eof:
@@ -158,6 +160,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _dict_from_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+def _parse(text: str, yield_gil: bool = False) -> Any:
+    """``json.loads`` refusing NaN, Infinity and floats that overflow; ClientError if bad."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          object_pairs_hook=_dict_from_pairs if yield_gil else None)
+    except ValueError as exc:
+        raise ClientError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ClientError("request body is not valid JSON: nested too deeply") from None
+
+
 class BodyReader:
     """Reads, decodes and parses request bodies for one app (it owns the large-body slots)."""
 
@@ -197,7 +214,7 @@ class BodyReader:
         pieces: list[str] = []
         size = 0
 
-        def sink(data: bytes) -> None:
+        def sink(data: bytes | memoryview) -> None:
             nonlocal size
             size += len(data)
             if size > self.max_bytes:
@@ -205,8 +222,16 @@ class BodyReader:
             pieces.append(utf8.decode(data))
 
         try:
+            checked = 0
             async for chunk in request.body:
-                decoder.feed(chunk, sink)
+                # The server may have queued megabytes meanwhile: work through them in slices
+                # and let other tasks run after every MiB, so no single step stalls the loop.
+                view = memoryview(chunk)
+                for start in range(0, len(view), READ_SLICE):
+                    decoder.feed(view[start : start + READ_SLICE], sink)
+                    if size - checked >= CHECKPOINT_BYTES:
+                        checked = size
+                        await trio.lowlevel.checkpoint()
                 if size > self.large_bytes:
                     await slot.take()
             decoder.finish(sink)
@@ -236,22 +261,20 @@ class BodyReader:
             )
         async with self._slot() as slot:
             text = await self._read_text(slot)
-            if not text.strip():
+            if not text or text.isspace():
                 if optional:
                     return None
                 raise ClientError("request body is not valid JSON: the body is empty")
             if not content_type:
                 raise ClientError("expected Content-Type: application/json, got none",
                                   status=415)
-            try:
-                body = json.loads(text, parse_constant=_reject_constant,
-                                  parse_float=_finite_float)
-            except ValueError as exc:
-                raise ClientError(f"request body is not valid JSON: {exc}") from None
-            except RecursionError:
-                raise ClientError("request body is not valid JSON: nested too deeply") from None
-            finally:
-                del text
+            if len(text) <= self.large_bytes:
+                body = _parse(text)
+            else:
+                # A big parse runs in a thread, with a Python hook per object so the GIL is
+                # handed back every few ms: /health and other streams keep moving meanwhile.
+                body = await trio.to_thread.run_sync(_parse, text, True)
+            del text
         if not isinstance(body, dict):
             raise ClientError("request body must be a JSON object")
         return body

@@ -178,7 +178,9 @@ def check_account(account: Account) -> None:
 
 def _one_line(text: str) -> str:
     """Server-supplied detail squeezed into one short line."""
-    flat = " ".join(str(text).split())
+    from service.status import printable  # escape codes from a server never reach a terminal
+
+    flat = printable(" ".join(str(text).split()))
     return flat if len(flat) <= _MAX_DETAIL else flat[: _MAX_DETAIL - 1] + "…"
 
 

@@ -33,6 +33,12 @@ def check_exposure(config: Config) -> None:
             f"config key server.host: {config.server.host!r} is reachable from other machines; "
             "set [auth] api_keys = [\"...\"] first (or bind 127.0.0.1)"
         )
+    wildcard = config.server.host in ("0.0.0.0", "::", "[::]")
+    if wildcard and not config.server.allowed_hosts and not config.server.trust_any_host:
+        log.warning(
+            "listening on %s, but only loopback names are served: list the names or addresses "
+            "other machines use in server.allowed_hosts (README, Security)", config.server.host
+        )
 
 
 async def open_default_store(config: Config) -> Any:

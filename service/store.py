@@ -26,9 +26,11 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -350,12 +352,21 @@ def _load_all(db: sqlite3.Connection, cipher: _TokenCipher) -> dict[str, Account
     accounts: dict[str, Account] = {}
     for row in rows:
         try:
-            accounts[row[0]] = _row_to_account(row, cipher)
+            accounts[row[0]] = _finite_times(_row_to_account(row, cipher))
         except StoreError as exc:
             shown = repr(row[0])[:80]
             log.warning("skipping account %s in store.db: %s; remove it with "
                         "`codex-lb-trio accounts remove ID` and add it again", shown, exc)
     return accounts
+
+
+def _finite_times(account: Account) -> Account:
+    """Infinity or NaN in a time (stored by older versions from an absurd ``exp``) reads as
+    unknown: it would otherwise make /api/accounts invalid JSON and `accounts list` crash."""
+    fields = ("access_expires_at", "last_refresh", "cooldown_until")
+    bad = {name: None for name in fields
+           if not math.isfinite(getattr(account, name) or 0.0)}
+    return dataclasses.replace(account, **bad) if bad else account
 
 
 def _select(db: sqlite3.Connection, cipher: _TokenCipher, account_id: str) -> Account:

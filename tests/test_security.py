@@ -188,8 +188,8 @@ async def test_same_origin_page_can_use_http_and_websocket(tmp_path, fake_upstre
 
 async def test_listed_origin_is_allowed(tmp_path, fake_upstream, chaos):
     with trio.fail_after(30):
-        async with open_stack(tmp_path, fake_upstream, chaos,
-                              server={"allowed_origins": ("https://tools.example.com",)}) as stack, \
+        listed = {"allowed_origins": ("https://tools.example.com",)}
+        async with open_stack(tmp_path, fake_upstream, chaos, server=listed) as stack, \
                 stack.http() as http:
             ok = await http.get("/api/accounts", headers={"origin": "https://tools.example.com"})
             assert ok.status_code == 200
@@ -323,7 +323,8 @@ async def test_poisoned_imports_are_refused_naming_the_field(tmp_path, fake_upst
                 response = await http.post("/api/accounts/import", content=body, headers=JSON)
                 error = assert_openai_error(response, 400)
                 assert field in error["message"], (what, error)
-                assert "\n" not in error["message"] and "\x1b" not in error["message"]
+                assert "\n" not in error["message"]
+                assert "\x1b" not in error["message"]
             assert len(await stack.store.list_accounts()) == 1  # only the stack's own account
             listed = await http.get("/api/accounts")
             assert json.loads(listed.text, parse_constant=_no_constants)["accounts"]
@@ -346,8 +347,10 @@ async def test_poisoned_auth_file_is_one_line_from_the_cli(tmp_path, fake_upstre
         result = await cli(home, "accounts", "import", str(auth_file))
         assert result.returncode == 1, result
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and field in lines[0], result.stderr
-        assert "\x1b" not in result.stderr and "Traceback" not in result.stderr
+        assert len(lines) == 1, result.stderr
+        assert field in lines[0], result.stderr
+        assert "\x1b" not in result.stderr
+        assert "Traceback" not in result.stderr
         assert table_rows(home) == 0
 
 
