@@ -1,0 +1,346 @@
+"""Run one schedule against the real engine under trio's mock clock, then check invariants.
+
+``simulate(schedule)`` starts the engine exactly as the server does (``open_actors``:
+ClientManager, network watcher, TokenRefresher, RefreshScheduler, ProxyHandler, under
+their supervisors) with three seams replaced: the client factory builds httpx clients
+over the simulated world, the network watcher's route probe and wall clock read the
+world, and the store is the flaky in-memory one. Clients then send the schedule's
+requests at their times while the machine sleeps, changes networks and gets admin
+rotations; afterwards the engine is wound down as the server does it and every
+invariant of issue 8 is checked. It returns the World, whose ``violations`` must be empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import types
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+import trio.testing
+
+from actors import refresh_scheduler, token_refresher
+from actors.accounts import AccountStatus
+from actors.errors import CodexLBError
+from actors.messages import RotationReason
+from actors.proxy_handler import ProxyRequest
+from actors.supervisor import CrashLoop, Engine, open_actors
+from actors.upstream import TERMINAL_EVENT_TYPES, parse_event_json
+from service.config import Config, with_overrides
+from tests.sim import schedule as s
+from tests.sim.world import AUTH_URL, BASE_URL, REQUEST_ID_HEADER, RequestLog, World
+
+HEADER_TIMEOUT = 15.0
+TOKEN_TIMEOUT = 60.0  # the token endpoint's header timeout (DESIGN.md §2)
+IDLE_TIMEOUT = 240.0
+TOKEN_SPACING = 2.0
+SETTLE = 130.0  # after the last client: longer than one refresh exchange may take
+RUN_LIMIT = 6 * 3600.0  # mock seconds: a run that needs more has hung
+CODEX_BODY = {"model": "gpt-5-codex", "instructions": "", "input": [], "stream": True,
+              "store": False}
+BAD_HEADER = "x-codex-turn-metadata"
+COMMITTING = frozenset({None, s.RESET_MID_STREAM, s.SILENCE_MID_STREAM, s.IN_STREAM_FAILED,
+                        s.RESET_AFTER_COMPLETED, s.SLOW_HEADERS})
+ROTATION_EVENTS = {
+    RotationReason.NETWORK_CHANGE: s.ROUTE_CHANGE,
+    RotationReason.WAKE: s.WAKE,
+    RotationReason.ADMIN: s.ADMIN_ROTATE,
+}
+
+
+def simulate(schedule: s.Schedule) -> World:
+    """One whole engine life under the mock clock; the World says what went wrong."""
+    world = World(schedule)
+    with _captured_logs() as logs, _seeded_engine_randomness(schedule.seed):
+        try:
+            trio.run(_run, world, clock=trio.testing.MockClock(autojump_threshold=0))
+        except BaseException as exc:  # noqa: BLE001 - any escape is a finding, not a crash
+            world.violations.append(f"the engine's trio run ended with "
+                                    f"{type(exc).__name__}: {exc}")
+    world.log_tail = [f"t={getattr(r, 'sim_time', -1.0):.1f}s {r.name} {r.getMessage()}"
+                      for r in logs.records]
+    for record in logs.crashes:
+        world.violations.append(f"actor crash: {record.getMessage()}")
+    return world
+
+
+# --- bounds ------------------------------------------------------------------------------
+
+
+def bounds(schedule: s.Schedule, plan: s.RequestPlan) -> tuple[float, float]:
+    """How long (mock seconds) the request may take to be answered, and to end.
+
+    Every wait the schedule can cause is counted at its own bound: a header wait at the
+    header timeout, a silent stream at the idle timeout, a token refresh at what its faults
+    cost plus the spacing between refreshes. Anything longer is a wait without a bound.
+    """
+    cost, committed = 0.0, None
+    for fault in plan.faults:
+        match fault.kind:
+            case s.SILENCE:
+                cost += HEADER_TIMEOUT + 2
+            case s.SLOW_HEADERS:
+                cost += min(fault.delay, HEADER_TIMEOUT) + 2
+            case _:
+                cost += 2 + 4 * plan.event_delay
+        if fault.kind in COMMITTING and not (fault.kind == s.SLOW_HEADERS
+                                             and fault.delay > HEADER_TIMEOUT):
+            committed = fault.kind
+            break
+    tokens = TOKEN_SPACING * (len(schedule.accounts) + len(schedule.refreshes) + 3)
+    for fault in schedule.refreshes:
+        match fault.kind:
+            case s.REFRESH_SILENCE:
+                tokens += TOKEN_TIMEOUT + 2
+            case s.REFRESH_SLOW:
+                tokens += fault.delay + 2
+            case _:
+                tokens += 2
+    store = 10.0 * len(schedule.store)
+    answer = 20 + cost + tokens + store + 4 * plan.event_delay
+    end = answer + 8 * plan.event_delay + 5
+    if committed == s.SILENCE_MID_STREAM:
+        end += IDLE_TIMEOUT
+    return answer, end
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+async def _run(world: World) -> None:
+    world.seed_accounts()
+    config = with_overrides(
+        Config(),
+        upstream={"base_url": BASE_URL, "auth_base_url": AUTH_URL},
+    )
+
+    async def route_probe() -> str | None:
+        return world.address
+
+    stats: Any = None
+    try:
+        with trio.fail_after(RUN_LIMIT):
+            async with open_actors(
+                config, world.store, client_factory=world.client_factory,  # type: ignore[arg-type]
+                route_probe=route_probe, wall_clock=world.wall,
+            ) as engine:
+                start = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    for rid, log in world.requests.items():
+                        nursery.start_soon(_client, engine, world, rid, log, start)
+                    for event in world.schedule.events:
+                        nursery.start_soon(_world_event, engine, world, event, start)
+                # Wind down as the server does, checking the leases once nothing runs.
+                await trio.sleep(SETTLE)
+                await engine.scheduler.shutdown()
+                await engine.tokens.shutdown()
+                await trio.sleep(1)
+                stats = await engine.clients.stats()
+                _check_leases(world, stats)
+    except* CrashLoop as group:
+        for exc in group.exceptions:
+            world.violate(f"crash loop: {exc}")
+    _check_after(world, stats)
+
+
+async def _client(engine: Engine, world: World, rid: str, log: RequestLog, start: float) -> None:
+    plan = log.plan
+    await trio.sleep_until(start + plan.at)
+    headers = [(REQUEST_ID_HEADER, rid), ("accept", "text/event-stream")]
+    if plan.session:
+        headers.append(("session-id", plan.session))
+    if plan.bad_header:
+        headers.append((BAD_HEADER, '{"note":"caf\xe9"}'))  # latin-1 decoded, as Quart does
+    request = ProxyRequest(path="/codex/responses", headers=tuple(headers), body=CODEX_BODY,
+                           sticky_key=plan.session)
+    answer_bound, end_bound = bounds(world.schedule, plan)
+    log.sent_at = trio.current_time()
+    with trio.move_on_after(end_bound + 60):
+        try:
+            exchange = await engine.proxy.forward(request)
+        except CodexLBError as err:
+            log.error, log.answered_at = err, trio.current_time()
+            return
+        except Exception as err:  # noqa: BLE001 - the handle must only raise CodexLBError
+            log.error, log.answered_at = err, trio.current_time()
+            world.violate(f"{rid}: forward raised {type(err).__name__}: {err}")
+            return
+        log.answered_at = trio.current_time()
+        log.first_byte_seq = world.tick()
+        if exchange.events is None:
+            world.violate(f"{rid}: a streamed request was answered without a stream")
+            return
+        with exchange.events:
+            if plan.leave_after == 0:
+                log.left = True
+                return
+            async for event in exchange.events:
+                payload = parse_event_json(event) or {}
+                log.events.append(str(payload.get("type") or event.event))
+                if plan.leave_after is not None and len(log.events) >= plan.leave_after:
+                    log.left = True
+                    return
+        log.ended_at = trio.current_time()
+
+
+async def _world_event(engine: Engine, world: World, event: s.WorldEvent, start: float) -> None:
+    await trio.sleep_until(start + event.at)
+    match event.kind:
+        case s.ROUTE_CHANGE:
+            world.address = f"198.51.100.{world.tick() % 250 + 1}"
+        case s.WAKE:
+            world.wall_offset += event.amount
+        case s.ADMIN_ROTATE:
+            await engine.clients.rotate(reason=RotationReason.ADMIN)
+        case s.REFRESH_NOW:
+            await engine.scheduler.refresh_now()
+
+
+# --- invariants ---------------------------------------------------------------------------
+
+
+def _check_leases(world: World, stats: Any) -> None:
+    held = {g: n for g, n in stats.leases.items() if n}
+    if held:
+        world.violate(f"leases still held after every request ended: {held}")
+    if stats.retired:
+        world.violate(f"retired generations not closed after draining: {list(stats.retired)}")
+    if stats.force_closes:
+        world.violate(f"{stats.force_closes} generation(s) force-closed (a lease was never "
+                      "released within the drain bound)")
+
+
+def _check_after(world: World, stats: Any) -> None:
+    schedule = world.schedule
+    for rid, log in world.requests.items():
+        _check_request(world, rid, log)
+    for stream in list(world.open_streams):
+        world.violate(f"an upstream response on generation {stream.generation} was never closed")
+    for number, gen in world.generations.items():
+        if gen.closed_at is None:
+            world.violate(f"generation {number}'s client was never closed")
+    for account_id, auth in world.auth.items():
+        account = world.store.inner._accounts[account_id]
+        if account.status in (AccountStatus.REAUTH_REQUIRED, AccountStatus.DEACTIVATED) and (
+                auth.permanent_code is None):
+            world.violate(f"{account_id} left active ({account.status}, "
+                          f"{account.status_reason!r}) though the auth server never answered a "
+                          "permanent code")
+    if stats is None:
+        return
+    failed = sum(1 for g in world.generations.values() if g.failed)
+    transport = stats.rotations.get(str(RotationReason.TRANSPORT), 0)
+    if transport > failed:
+        world.violate(f"{transport} transport rotations but only {failed} generation(s) met a "
+                      "transport fault (a rotation storm)")
+    for reason, kind in ROTATION_EVENTS.items():
+        made = stats.rotations.get(str(reason), 0)
+        allowed = sum(1 for e in schedule.events if e.kind == kind)
+        if made > allowed:
+            world.violate(f"{made} {reason} rotations for {allowed} such event(s)")
+
+
+def _check_request(world: World, rid: str, log: RequestLog) -> None:
+    plan = log.plan
+    if log.sent_at is None:
+        world.violate(f"{rid}: never sent (the run ended early)")
+        return
+    answer_bound, end_bound = bounds(world.schedule, plan)
+    if log.answered_at is None:
+        world.violate(f"{rid}: not answered within {end_bound + 60:.0f}s")
+        return
+    took = log.answered_at - log.sent_at
+    if took > answer_bound:
+        world.violate(f"{rid}: answered after {took:.1f}s, bound {answer_bound:.1f}s")
+    if plan.bad_header:
+        if log.error is None:
+            world.violate(f"{rid}: a header with a non-ASCII byte was relayed")
+        return
+    if log.error is not None:
+        return  # an error answer is an answer; its kind is the failover tests' business
+    if log.left:
+        return
+    if log.ended_at is None:
+        world.violate(f"{rid}: stream did not end within {end_bound + 60:.0f}s "
+                      f"(events {log.events})")
+        return
+    if log.ended_at - log.sent_at > end_bound:
+        world.violate(f"{rid}: stream ended after {log.ended_at - log.sent_at:.1f}s, "
+                      f"bound {end_bound:.1f}s")
+    terminals = [e for e in log.events if e in TERMINAL_EVENT_TYPES]
+    if len(terminals) != 1:
+        world.violate(f"{rid}: {len(terminals)} terminal events in {log.events}")
+    elif log.events[-1] not in TERMINAL_EVENT_TYPES:
+        world.violate(f"{rid}: events after the terminal one: {log.events}")
+
+
+# --- harness ---------------------------------------------------------------------------------
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: deque[logging.LogRecord] = deque(maxlen=80)
+        self.crashes: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.sim_time = trio.current_time()
+        except RuntimeError:  # outside the run (setup or teardown)
+            record.sim_time = -1.0
+        self.records.append(record)
+        if record.name.endswith(".supervisor") and record.levelno >= logging.ERROR:
+            self.crashes.append(record)
+
+
+@contextmanager
+def _captured_logs() -> Iterator[_LogCapture]:
+    """The engine's log lines go to a ring buffer (for the failure report), not to pytest."""
+    logger = logging.getLogger("codex_lb_trio")
+    capture = _LogCapture()
+    saved = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(capture)
+    try:
+        yield capture
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+@contextmanager
+def _seeded_engine_randomness(seed: int) -> Iterator[None]:
+    """Jitter in the refresher and the scheduler drawn from the schedule's seed.
+
+    A schedule then replays exactly (hypothesis needs that to shrink); trio's own
+    scheduling order is seeded by pytest-trio's hypothesis hook.
+    """
+    rng = random.Random(seed)
+    shim = types.SimpleNamespace(
+        Random=lambda *args: random.Random(rng.random()),
+        **{name: getattr(rng, name) for name in ("random", "uniform", "randint", "choice",
+                                                   "shuffle", "expovariate")},
+    )
+    modules = (token_refresher, refresh_scheduler)
+    saved = [m.random for m in modules]
+    for module in modules:
+        module.random = shim  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved, strict=True):
+            module.random = original  # type: ignore[attr-defined]
+
+
+def describe(world: World) -> str:
+    """A failing run, for the assertion message: violations, then the last log lines."""
+    lines = ["invariants violated:", *(f"  - {v}" for v in world.violations),
+             "last engine log lines:", *(f"    {line}" for line in world.log_tail[-40:])]
+    return "\n".join(lines)
+
