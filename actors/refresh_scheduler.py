@@ -598,7 +598,9 @@ class RefreshScheduler:
         self, err: TransportError, budget: _RotationBudget, attempt: _Attempt
     ) -> None:
         """Spend the cycle's rotation on ``err`` (and return to retry), or re-raise it."""
-        if budget.spent:
+        if budget.spent or err.generation is None:
+            # No generation named (e.g. a refresh held back after an unknown outcome): it
+            # proves nothing about the client, and a rotation without one is a storm.
             raise err
         budget.spent = True
         attempt.rotated = True

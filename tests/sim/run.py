@@ -38,7 +38,7 @@ HEADER_TIMEOUT = 15.0
 TOKEN_TIMEOUT = 60.0  # the token endpoint's header timeout (DESIGN.md §2)
 IDLE_TIMEOUT = 240.0
 TOKEN_SPACING = 2.0
-SETTLE = 130.0  # after the last client: longer than one refresh exchange may take
+SETTLE = IDLE_TIMEOUT + 20  # after the last client: a left stream may stay silent that long
 RUN_LIMIT = 6 * 3600.0  # mock seconds: a run that needs more has hung
 CODEX_BODY = {"model": "gpt-5-codex", "instructions": "", "input": [], "stream": True,
               "store": False}

@@ -57,7 +57,9 @@ PERMANENT_REFRESH = frozenset({REFRESH_PERMANENT, REFRESH_DEACTIVATED})
 
 # --- store methods whose n-th call may fail -------------------------------------------------
 
-STORE_METHODS = ("save_tokens", "set_status", "set_cooldown", "set_usage", "list_accounts")
+STORE_METHODS = (
+    "save_tokens", "set_status", "set_cooldown", "set_usage", "list_accounts", "get",
+)
 
 # --- things that happen to the machine -------------------------------------------------------
 
