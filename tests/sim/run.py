@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import types
 from collections import deque
 from collections.abc import Iterator
@@ -65,6 +66,8 @@ def simulate(schedule: s.Schedule) -> World:
                       for r in logs.records]
     for record in logs.crashes:
         world.violations.append(f"actor crash: {record.getMessage()}")
+    for message in logs.token_leaks:
+        world.violations.append(f"a token in a log line: {message}")
     return world
 
 
@@ -257,8 +260,14 @@ def _check_request(world: World, rid: str, log: RequestLog) -> None:
     if took > answer_bound:
         world.violate(f"{rid}: answered after {took:.1f}s, bound {answer_bound:.1f}s")
     if plan.bad_header:
+        # The client's 400 naming the header, unless the pool itself answered first (all
+        # cooling down, a failing store): never a relayed request, never a crash.
+        status = getattr(log.error, "http_status", None)
         if log.error is None:
-            world.violate(f"{rid}: a header with a non-ASCII byte was relayed")
+            world.violate(f"{rid}: a header with a non-ASCII byte was relayed upstream")
+        elif status == 400 and BAD_HEADER not in str(log.error) or status not in (400, 429, 503):
+            world.violate(f"{rid}: a header with a non-ASCII byte was answered with "
+                          f"{status} {log.error!r}, not a 400 that names the header")
         return
     if log.error is not None:
         return  # an error answer is an answer; its kind is the failover tests' business
@@ -281,11 +290,16 @@ def _check_request(world: World, rid: str, log: RequestLog) -> None:
 # --- harness ---------------------------------------------------------------------------------
 
 
+# What the fake's tokens look like: refresh tokens rt-<account>-<n>, JWTs base64 of '{"'.
+_TOKEN_SHAPE = re.compile(r"\brt-\d+-\d+\b|eyJ[A-Za-z0-9_-]{8,}")
+
+
 class _LogCapture(logging.Handler):
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.records: deque[logging.LogRecord] = deque(maxlen=80)
         self.crashes: list[logging.LogRecord] = []
+        self.token_leaks: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -295,6 +309,9 @@ class _LogCapture(logging.Handler):
         self.records.append(record)
         if record.name.endswith(".supervisor") and record.levelno >= logging.ERROR:
             self.crashes.append(record)
+        message = record.getMessage()
+        if _TOKEN_SHAPE.search(message):
+            self.token_leaks.append(message)
 
 
 @contextmanager
@@ -303,7 +320,7 @@ def _captured_logs() -> Iterator[_LogCapture]:
     logger = logging.getLogger("codex_lb_trio")
     capture = _LogCapture()
     saved = logger.level, logger.propagate
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     logger.propagate = False
     logger.addHandler(capture)
     try:
