@@ -12,6 +12,7 @@ invariant of issue 8 is checked. It returns the World, whose ``violations`` must
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -24,7 +25,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from actors import refresh_scheduler, token_refresher
+from actors import proxy_websocket, refresh_scheduler, token_refresher
 from actors.accounts import AccountStatus
 from actors.errors import CodexLBError
 from actors.messages import RotationReason
@@ -33,7 +34,14 @@ from actors.supervisor import CrashLoop, Engine, open_actors
 from actors.upstream import TERMINAL_EVENT_TYPES, parse_event_json
 from service.config import Config, with_overrides
 from tests.sim import schedule as s
-from tests.sim.world import AUTH_URL, BASE_URL, REQUEST_ID_HEADER, RequestLog, World
+from tests.sim.world import (
+    AUTH_URL,
+    BASE_URL,
+    REQUEST_ID_HEADER,
+    RequestLog,
+    SessionLog,
+    World,
+)
 
 HEADER_TIMEOUT = 15.0
 TOKEN_TIMEOUT = 60.0  # the token endpoint's header timeout (DESIGN.md §2)
@@ -56,7 +64,8 @@ ROTATION_EVENTS = {
 def simulate(schedule: s.Schedule) -> World:
     """One whole engine life under the mock clock; the World says what went wrong."""
     world = World(schedule)
-    with _captured_logs() as logs, _seeded_engine_randomness(schedule.seed):
+    with (_captured_logs() as logs, _seeded_engine_randomness(schedule.seed),
+          _upstream_websockets(world)):
         try:
             trio.run(_run, world, clock=trio.testing.MockClock(autojump_threshold=0))
         except BaseException as exc:  # noqa: BLE001 - any escape is a finding, not a crash
@@ -72,6 +81,14 @@ def simulate(schedule: s.Schedule) -> World:
 
 
 # --- bounds ------------------------------------------------------------------------------
+
+
+def session_bounds(schedule: s.Schedule, plan: s.SessionPlan) -> tuple[float, float]:
+    """How long a WebSocket session may take to open, and to end after its last turn."""
+    pool, _ = bounds(schedule, s.RequestPlan(at=plan.at))
+    opened = pool + 2 * len(plan.upgrades)
+    turns = sum(IDLE_TIMEOUT + 5 if t == s.TURN_SILENCE_MID else 5 for t in plan.turns)
+    return opened, opened + turns + pool  # a fallback turn may wait on the pool again
 
 
 def bounds(schedule: s.Schedule, plan: s.RequestPlan) -> tuple[float, float]:
@@ -135,6 +152,8 @@ async def _run(world: World) -> None:
                 async with trio.open_nursery() as nursery:
                     for rid, log in world.requests.items():
                         nursery.start_soon(_client, engine, world, rid, log, start)
+                    for sid, session in world.sessions.items():
+                        nursery.start_soon(_session, engine, world, sid, session, start)
                     for event in world.schedule.events:
                         nursery.start_soon(_world_event, engine, world, event, start)
                 # Wind down as the server does, checking the leases once nothing runs.
@@ -190,6 +209,47 @@ async def _client(engine: Engine, world: World, rid: str, log: RequestLog, start
         log.ended_at = trio.current_time()
 
 
+async def _session(engine: Engine, world: World, sid: str, log: SessionLog,
+                   start: float) -> None:
+    """A Codex-like WebSocket client: its turns in sequence, then it closes."""
+    plan = log.plan
+    await trio.sleep_until(start + plan.at)
+    request = ProxyRequest(path="/codex/responses", method="GET",
+                           headers=((REQUEST_ID_HEADER, sid),), body=None)
+    _, end_bound = session_bounds(world.schedule, plan)
+    log.sent_at = trio.current_time()
+    with trio.move_on_after(end_bound + 60):
+        try:
+            session = await engine.proxy.open_websocket(request)
+        except CodexLBError as err:
+            log.error, log.answered_at = err, trio.current_time()
+            return
+        log.answered_at, log.mode = trio.current_time(), session.mode
+        with session.to_upstream, session.from_upstream:
+            for index in range(len(plan.turns)):
+                rid = f"{sid}_{index}"
+                frame = {"type": "response.create", **CODEX_BODY,
+                         "client_metadata": {REQUEST_ID_HEADER: rid}}
+                try:
+                    await session.to_upstream.send(json.dumps(frame))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break  # the session ended after the previous turn's terminal event
+                frames: list[str] = []
+                log.turns.append(frames)
+                async for raw in session.from_upstream:
+                    if not frames and rid in world.requests:
+                        world.requests[rid].first_byte_seq = world.tick()
+                    frames.append(str(json.loads(raw).get("type")))
+                    if frames[-1] in TERMINAL_EVENT_TYPES:
+                        break
+                else:
+                    break  # the session ended mid-turn: the check says so
+            session.to_upstream.close()
+            async for raw in session.from_upstream:
+                log.after_close.append(str(json.loads(raw).get("type")))
+        log.ended_at = trio.current_time()
+
+
 async def _world_event(engine: Engine, world: World, event: s.WorldEvent, start: float) -> None:
     await trio.sleep_until(start + event.at)
     match event.kind:
@@ -219,8 +279,10 @@ def _check_leases(world: World, stats: Any) -> None:
 
 def _check_after(world: World, stats: Any) -> None:
     schedule = world.schedule
-    for rid, log in world.requests.items():
-        _check_request(world, rid, log)
+    for index in range(len(schedule.requests)):
+        _check_request(world, f"r{index}", world.requests[f"r{index}"])
+    for sid, session in world.sessions.items():
+        _check_session(world, sid, session)
     for stream in list(world.open_streams):
         world.violate(f"an upstream response on generation {stream.generation} was never closed")
     for number, gen in world.generations.items():
@@ -245,6 +307,37 @@ def _check_after(world: World, stats: Any) -> None:
         allowed = sum(1 for e in schedule.events if e.kind == kind)
         if made > allowed:
             world.violate(f"{made} {reason} rotations for {allowed} such event(s)")
+
+
+def _check_session(world: World, sid: str, log: SessionLog) -> None:
+    opened_bound, end_bound = session_bounds(world.schedule, log.plan)
+    if log.answered_at is None or log.sent_at is None:
+        world.violate(f"{sid}: WebSocket session not opened or refused within "
+                      f"{end_bound + 60:.0f}s")
+        return
+    if log.answered_at - log.sent_at > opened_bound:
+        world.violate(f"{sid}: session answered after {log.answered_at - log.sent_at:.1f}s, "
+                      f"bound {opened_bound:.1f}s")
+    if log.error is not None:
+        return
+    if log.ended_at is None:
+        world.violate(f"{sid}: session did not end within {end_bound + 60:.0f}s of opening "
+                      f"(turns {log.turns})")
+        return
+    if log.ended_at - log.sent_at > end_bound:
+        world.violate(f"{sid}: session ended after {log.ended_at - log.sent_at:.1f}s, bound "
+                      f"{end_bound:.1f}s")
+    for index, frames in enumerate(log.turns):
+        if not frames and index == len(log.turns) - 1:
+            continue  # the session had ended: this turn never reached the upstream
+        terminals = [f for f in frames if f in TERMINAL_EVENT_TYPES]
+        if len(terminals) != 1 or frames[-1] not in TERMINAL_EVENT_TYPES:
+            world.violate(f"{sid}: turn {index} ({log.mode}) brought {frames}: not exactly one "
+                          "terminal event at its end")
+    if log.after_close:
+        world.violate(f"{sid}: frames after the client's last turn: {log.after_close}")
+    if log.sockets_open:
+        world.violate(f"{sid}: {log.sockets_open} upstream socket(s) left open")
 
 
 def _check_request(world: World, rid: str, log: RequestLog) -> None:
@@ -329,6 +422,17 @@ def _captured_logs() -> Iterator[_LogCapture]:
         logger.removeHandler(capture)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+
+
+@contextmanager
+def _upstream_websockets(world: World) -> Iterator[None]:
+    """The ProxyHandler's upstream sockets open onto the world instead of the network."""
+    saved = proxy_websocket.open_upstream_websocket
+    proxy_websocket.open_upstream_websocket = world.open_upstream_websocket  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        proxy_websocket.open_upstream_websocket = saved  # type: ignore[assignment]
 
 
 @contextmanager

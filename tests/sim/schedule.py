@@ -55,6 +55,21 @@ REFRESH_FAULTS = (
 )
 PERMANENT_REFRESH = frozenset({REFRESH_PERMANENT, REFRESH_DEACTIVATED})
 
+# --- WebSocket sessions: how each upgrade is answered, what each turn meets -------------------
+
+UPGRADE_ACCEPT = "accept"
+UPGRADE_USE_HTTP = "426"  # the upstream does not speak WebSockets: turns go over HTTP SSE
+UPGRADE_429 = "429"
+UPGRADE_5XX = "5xx"
+UPGRADE_REFUSED = "connect_error"
+UPGRADE_FAULTS = (UPGRADE_USE_HTTP, UPGRADE_429, UPGRADE_5XX, UPGRADE_REFUSED)
+
+TURN_OK = "ok"
+TURN_CLOSE_MID = "close_mid_turn"  # the upstream socket closes after the first event
+TURN_SILENCE_MID = "silence_mid_turn"  # the upstream socket goes quiet mid-turn
+TURN_CLOSE_AFTER = "close_after_turn"  # the socket closes between this turn and the next
+TURN_FAULTS = (TURN_OK, TURN_CLOSE_MID, TURN_SILENCE_MID, TURN_CLOSE_AFTER)
+
 # --- store methods whose n-th call may fail -------------------------------------------------
 
 STORE_METHODS = (
@@ -95,6 +110,15 @@ class RequestPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionPlan:
+    """One client WebSocket: its upgrades (per attempt; then accepted) and its turns."""
+
+    at: float
+    upgrades: tuple[str, ...] = ()
+    turns: tuple[str, ...] = (TURN_OK,)
+
+
+@dataclass(frozen=True, slots=True)
 class AccountPlan:
     expires_in: float  # seconds from start until the account's access token expires
 
@@ -121,6 +145,7 @@ class Schedule:
     store: tuple[StoreFault, ...] = ()
     events: tuple[WorldEvent, ...] = ()
     seed: int = 0
+    sessions: tuple[SessionPlan, ...] = ()
 
 
 # --- hypothesis strategies ------------------------------------------------------------------
@@ -168,6 +193,12 @@ world_events = st.builds(
     kind=st.sampled_from(WORLD_EVENTS),
     amount=st.sampled_from([30.0, 900.0, 4000.0]),
 )
+session_plans = st.builds(
+    SessionPlan,
+    at=st.integers(0, 120).map(float),
+    upgrades=st.lists(st.sampled_from(UPGRADE_FAULTS), max_size=2).map(tuple),
+    turns=st.lists(st.sampled_from(TURN_FAULTS), min_size=1, max_size=3).map(tuple),
+)
 schedules = st.builds(
     Schedule,
     accounts=st.lists(account_plans, min_size=1, max_size=3).map(tuple),
@@ -177,4 +208,5 @@ schedules = st.builds(
     store=st.lists(store_faults, max_size=3).map(tuple),
     events=st.lists(world_events, max_size=4).map(tuple),
     seed=st.integers(0, 2**16),
+    sessions=st.lists(session_plans, max_size=2).map(tuple),
 )

@@ -16,15 +16,19 @@ mock time, so a failing schedule says what went wrong where.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import trio
+import trio.testing
+import trio_websocket
 
 from actors.accounts import Account, InMemoryAccountStore, TokenSet
 from service.store import StoreError
@@ -66,6 +70,22 @@ class RequestLog:
 
 
 @dataclass(slots=True)
+class SessionLog:
+    """One client WebSocket session: what each turn brought back to the client."""
+
+    plan: s.SessionPlan
+    upgrade_calls: int = 0
+    sent_at: float | None = None
+    answered_at: float | None = None
+    ended_at: float | None = None
+    mode: str = ""
+    turns: list[list[str]] = field(default_factory=list)
+    after_close: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    sockets_open: int = 0
+
+
+@dataclass(slots=True)
 class AuthAccount:
     account_id: str
     index: int
@@ -87,6 +107,9 @@ class World:
         self.generations: dict[int, GenerationLog] = {}
         self.requests: dict[str, RequestLog] = {
             f"r{i}": RequestLog(plan) for i, plan in enumerate(schedule.requests)
+        }
+        self.sessions: dict[str, SessionLog] = {
+            f"w{i}": SessionLog(plan) for i, plan in enumerate(schedule.sessions)
         }
         self.refresh_faults = list(schedule.refreshes)
         self.scheduler_faults = list(schedule.scheduler_calls)
@@ -211,6 +234,13 @@ class World:
 
     async def responses(self, request: httpx.Request, generation: int) -> httpx.Response:
         rid = request.headers.get(REQUEST_ID_HEADER, "")
+        try:
+            metadata = json.loads(request.content).get("client_metadata") or {}
+        except (ValueError, AttributeError):
+            metadata = {}
+        if isinstance(metadata, dict) and metadata.get(REQUEST_ID_HEADER):
+            rid = str(metadata[REQUEST_ID_HEADER])  # a WebSocket session's turn over HTTP
+            self.requests.setdefault(rid, RequestLog(s.RequestPlan(at=0.0)))
         log = self.requests.get(rid)
         if log is None:
             self.violate(f"an upstream /codex/responses call without a known request id {rid!r}")
@@ -335,6 +365,94 @@ class World:
         stream = SimStream(self, generation, chunks, delay=delay, tail=tail)
         return httpx.Response(status, headers={"content-type": content_type, **(headers or {})},
                               stream=stream)
+
+
+    # --- the upstream's WebSocket side (replaces actors.proxy_websocket's opener) ----------
+
+    @asynccontextmanager
+    async def open_upstream_websocket(
+        self, url: str, extra_headers: list[tuple[bytes, bytes]], *, connect_timeout: float,
+        socket_options: Sequence[tuple[int, int, int]] = (),
+    ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+        """An upstream socket over an in-memory stream, answered by ``_ws_server``."""
+        headers = {k.decode().lower(): v.decode() for k, v in extra_headers}
+        sid = headers.get(REQUEST_ID_HEADER, "")
+        log = self.sessions.get(sid)
+        if log is None:
+            self.violate(f"an upstream WebSocket without a known session id {sid!r}")
+            raise OSError(errno.ECONNREFUSED, "unknown session")
+        attempt = log.upgrade_calls
+        log.upgrade_calls += 1
+        plan = log.plan
+        kind = plan.upgrades[attempt] if attempt < len(plan.upgrades) else s.UPGRADE_ACCEPT
+        if kind == s.UPGRADE_REFUSED:
+            # The socket is opened under a lease on the newest generation: blame that one.
+            self.generations[max(self.generations)].failed = True
+            raise OSError(errno.ECONNREFUSED, "connection refused")
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        log.sockets_open += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ws_server, server_stream, sid, log, kind)
+                try:
+                    with trio.fail_after(connect_timeout):
+                        connection = await trio_websocket.wrap_client_stream(
+                            nursery, client_stream, UPSTREAM_HOST,  # type: ignore[arg-type]
+                            "/backend-api/codex/responses", extra_headers=extra_headers,
+                            message_queue_size=8)
+                    try:
+                        yield connection
+                    finally:
+                        with trio.move_on_after(2, shield=True):
+                            await connection.aclose()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            log.sockets_open -= 1
+            with trio.move_on_after(2, shield=True):
+                await client_stream.aclose()
+
+    async def _ws_server(self, stream: Any, sid: str, log: SessionLog, kind: str) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                request = await trio_websocket.wrap_server_stream(nursery, stream)
+                if kind == s.UPGRADE_USE_HTTP:
+                    await request.reject(426, body=b"upgrade not supported")
+                    return
+                if kind == s.UPGRADE_429:
+                    limit = {"error": {"type": "usage_limit_reached", "message": "limit",
+                                       "resets_in_seconds": 120}}
+                    await request.reject(429, body=json.dumps(limit).encode(),
+                                         extra_headers=[(b"content-type", b"application/json")])
+                    return
+                if kind == s.UPGRADE_5XX:
+                    await request.reject(503, body=b"busy")
+                    return
+                socket = await request.accept()
+                for index in range(len(log.plan.turns) + 1):
+                    frame = await socket.get_message()
+                    fault = log.plan.turns[index] if index < len(log.plan.turns) else s.TURN_OK
+                    rid = f"{sid}_{index}"
+                    await socket.send_message(json.dumps({"type": "response.created",
+                                                          "response": {"id": rid}}))
+                    if fault == s.TURN_CLOSE_MID:
+                        await socket.aclose()
+                        return
+                    if fault == s.TURN_SILENCE_MID:
+                        await trio.sleep_forever()
+                    await socket.send_message(json.dumps(
+                        {"type": "response.output_text.delta", "delta": str(len(frame))}))
+                    await socket.send_message(json.dumps({"type": "response.completed",
+                                                          "response": {"id": rid}}))
+                    if fault == s.TURN_CLOSE_AFTER:
+                        await socket.aclose()
+                        return
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
+                trio.ClosedResourceError):
+            pass  # the proxy closed its side
+        finally:
+            with trio.move_on_after(2, shield=True):
+                await stream.aclose()
 
 
 class SimStream(httpx.AsyncByteStream):
