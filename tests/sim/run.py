@@ -61,9 +61,13 @@ ROTATION_EVENTS = {
 }
 
 
-def simulate(schedule: s.Schedule) -> World:
-    """One whole engine life under the mock clock; the World says what went wrong."""
+def simulate(schedule: s.Schedule, **config: dict[str, Any]) -> World:
+    """One whole engine life under the mock clock; the World says what went wrong.
+
+    ``config`` overrides sections of the engine's Config, e.g. ``upstream={...}``.
+    """
     world = World(schedule)
+    world.config = config
     with (_captured_logs() as logs, _seeded_engine_randomness(schedule.seed),
           _upstream_websockets(world)):
         try:
@@ -133,10 +137,10 @@ def bounds(schedule: s.Schedule, plan: s.RequestPlan) -> tuple[float, float]:
 
 async def _run(world: World) -> None:
     world.seed_accounts()
-    config = with_overrides(
-        Config(),
-        upstream={"base_url": BASE_URL, "auth_base_url": AUTH_URL},
-    )
+    sections = dict(world.config)
+    sections["upstream"] = {"base_url": BASE_URL, "auth_base_url": AUTH_URL,
+                            **sections.get("upstream", {})}
+    config = with_overrides(Config(), **sections)
 
     async def route_probe() -> str | None:
         return world.address

@@ -101,6 +101,7 @@ class World:
         self.schedule = schedule
         self.violations: list[str] = []
         self.log_tail: list[str] = []
+        self.config: dict[str, Any] = {}
         self.seq = 0
         self.wall_offset = 0.0
         self.address = "192.0.2.10"
