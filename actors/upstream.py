@@ -21,12 +21,14 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Literal, TypeAlias
 
-from actors.accounts import AccountStatus, Usage, UsageWindow
+import trio
+
+from actors.accounts import AccountStatus, Credits, LimitFamily, Usage, UsageWindow
 from actors.errors import DEACTIVATED_CODES as DEACTIVATED_CODES
 from actors.errors import OVERLOAD_CODES as OVERLOAD_CODES
 from actors.errors import QUOTA_CODES as QUOTA_CODES
@@ -63,11 +65,16 @@ UPSTREAM_DROP_HEADERS = frozenset(
     {"authorization", "chatgpt-account-id", "host", "content-length", "connection",
      "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
      "accept-encoding", "cookie", "x-api-key", "api-key",
-     "remote-addr"}  # Quart's synthetic header carrying our client's address
+     "remote-addr",  # Quart's synthetic header carrying our client's address
+     "content-encoding",  # we decoded the body (service/body.py); it goes up re-encoded as JSON
+     "origin", "referer", "x-csrf-token"}  # a browser's, about our client's page: not upstream's
 )  # fmt: skip
 UPSTREAM_DROP_PREFIXES = ("proxy-", "x-forwarded-", "sec-websocket-", ":")
 
 HeaderInput: TypeAlias = "Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]"
+
+
+_UNSENDABLE = re.compile(r"[^\t\x20-\x7e]")  # anything but tab and printable ASCII
 
 
 def unsendable_header(pairs: Iterable[tuple[str, str]]) -> str | None:
@@ -79,7 +86,7 @@ def unsendable_header(pairs: Iterable[tuple[str, str]]) -> str | None:
     the client's 400, never our crash.
     """
     for name, value in pairs:
-        if not value.isascii() or any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        if _UNSENDABLE.search(value):
             return name
     return None
 
@@ -128,6 +135,116 @@ def upstream_headers(
     out["authorization"] = f"Bearer {access_token}"
     out["chatgpt-account-id"] = chatgpt_account_id
     return out
+
+
+# --- request bodies on the way up ----------------------------------------------------------
+
+JSON_SLICE = 64 * 1024
+# Strings longer than this are escaped slice by slice (json.dumps would hold two whole copies).
+JSON_BIG_STRING = 256 * 1024
+# Containers nested deeper than this are left to json.dumps whole (bounded Python recursion).
+JSON_WALK_DEPTH = 32
+_JSON_SCALARS = (int, float, bool, type(None))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _flat(values: Iterable[Any]) -> bool:
+    """Only scalars and short strings: json.dumps can take these whole, at C speed."""
+    return all(
+        isinstance(v, _JSON_SCALARS) or (isinstance(v, str) and len(v) <= JSON_BIG_STRING)
+        for v in values
+    )
+
+
+def json_pieces(value: Any, depth: int = 0) -> Iterable[str]:
+    """``json.dumps(value)`` (compact, ASCII) as pieces, none much larger than a big string slice.
+
+    The C encoder builds its whole output and then joins it, so a 30 MiB string costs two
+    extra 30 MiB copies at once; walking the containers ourselves and escaping big strings
+    slice by slice keeps the extra memory to the pieces themselves.
+    """
+    if isinstance(value, str):
+        if len(value) <= JSON_BIG_STRING:
+            yield _compact(value)
+            return
+        yield '"'
+        for start in range(0, len(value), JSON_BIG_STRING):
+            yield _compact(value[start : start + JSON_BIG_STRING])[1:-1]
+        yield '"'
+    elif isinstance(value, dict):
+        if depth >= JSON_WALK_DEPTH or _flat(value.values()) or not all(
+            isinstance(k, str) for k in value
+        ):
+            yield _compact(value)
+            return
+        yield "{"
+        for index, (key, item) in enumerate(value.items()):
+            yield ("," if index else "") + _compact(key) + ":"
+            yield from json_pieces(item, depth + 1)
+        yield "}"
+    elif isinstance(value, list | tuple):
+        if depth >= JSON_WALK_DEPTH or _flat(value):
+            yield _compact(value)
+            return
+        yield "["
+        for index, item in enumerate(value):
+            if index:
+                yield ","
+            yield from json_pieces(item, depth + 1)
+        yield "]"
+    else:
+        yield _compact(value)
+
+
+@dataclass(frozen=True, slots=True)
+class JsonContent:
+    """A JSON request body serialised once, in pieces, sent with its Content-Length.
+
+    ``json.dumps(body).encode()`` of a 30 MiB body briefly holds four copies of it; here the
+    pieces are the only copy (ASCII, so their length is the byte count) and each is encoded
+    only when it is sent. Re-iterable: a retry sends it again.
+    """
+
+    pieces: tuple[str, ...]
+    length: int
+
+    @classmethod
+    def of(cls, body: Any) -> JsonContent:
+        pieces = tuple(json_pieces(body))
+        return cls(pieces, sum(map(len, pieces)))
+
+    @classmethod
+    async def build(cls, body: Any) -> JsonContent:
+        """Like ``of``, but lets other tasks run after every MiB of output (no long stall)."""
+        pieces: list[str] = []
+        length = since_checkpoint = 0
+        for piece in json_pieces(body):
+            pieces.append(piece)
+            length += len(piece)
+            since_checkpoint += len(piece)
+            if since_checkpoint >= 1024 * 1024:
+                await trio.lowlevel.checkpoint()
+                since_checkpoint = 0
+        return cls(tuple(pieces), length)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"content-length": str(self.length)}
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        batch: list[str] = []
+        size = 0
+        for piece in self.pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= JSON_SLICE:
+                yield "".join(batch).encode("ascii")
+                batch, size = [], 0
+        if batch:
+            yield "".join(batch).encode("ascii")
 
 
 # --- server-sent events ------------------------------------------------------------------
@@ -323,22 +440,66 @@ def _lower(headers: Any) -> dict[str, str]:
     return dict(_header_items(headers)) if headers else {}
 
 
-def usage_from_headers(headers: Mapping[str, str], now: float) -> Usage | None:
-    """Live usage from ``x-codex-{primary,secondary}-*`` response headers, if any."""
-    lowered = _lower(headers)
-    primary, secondary = (
-        _window(
-            {
-                field.replace("-", "_"): lowered.get(f"x-codex-{which}-{field}")
-                for field in ("used-percent", "window-minutes", "reset-at", "reset-after-seconds")
-            },
-            now,
-        )
-        for which in ("primary", "secondary")
-    )
-    if primary is None and secondary is None:
+_WINDOW_FIELDS = ("used-percent", "window-minutes", "reset-at", "reset-after-seconds")
+_FAMILY_HEADER = re.compile(r"^x-([a-z0-9][a-z0-9-]*?)-(?:primary|secondary)-used-percent$")
+_TRUE_WORDS = frozenset({"true", "1", "yes"})
+_BOOL_WORDS = _TRUE_WORDS | {"false", "0", "no"}
+
+
+def _header_window(lowered: Mapping[str, str], prefix: str, now: float) -> UsageWindow | None:
+    return _window({field.replace("-", "_"): lowered.get(f"{prefix}-{field}")
+                    for field in _WINDOW_FIELDS}, now)
+
+
+def _credits(data: Any) -> Credits | None:
+    """The ``credits`` object of /wham/usage and codex.rate_limits, leniently."""
+    if not isinstance(data, Mapping):
         return None
-    return Usage(primary=primary, secondary=secondary, updated_at=now)
+    has, unlimited = data.get("has_credits"), data.get("unlimited")
+    if not isinstance(has, bool) and not isinstance(unlimited, bool):
+        return None
+    balance = data.get("balance")
+    return Credits(has_credits=has is True, unlimited=unlimited is True,
+                   balance=None if balance is None else str(balance))
+
+
+def _header_credits(lowered: Mapping[str, str]) -> Credits | None:
+    has = (lowered.get("x-codex-credits-has-credits") or "").strip().lower()
+    unlimited = (lowered.get("x-codex-credits-unlimited") or "").strip().lower()
+    if has not in _BOOL_WORDS and unlimited not in _BOOL_WORDS:
+        return None
+    balance = (lowered.get("x-codex-credits-balance") or "").strip()
+    return Credits(has_credits=has in _TRUE_WORDS, unlimited=unlimited in _TRUE_WORDS,
+                   balance=balance or None)
+
+
+def _header_families(lowered: Mapping[str, str], now: float) -> tuple[LimitFamily, ...]:
+    """Limit families beside the plan's own: ``x-<name>-primary-*`` and ``x-<name>-limit-name``."""
+    names = sorted({m.group(1) for key in lowered if (m := _FAMILY_HEADER.match(key))} - {"codex"})
+    families = []
+    for name in names:
+        primary = _header_window(lowered, f"x-{name}-primary", now)
+        secondary = _header_window(lowered, f"x-{name}-secondary", now)
+        if primary is None and secondary is None:
+            continue
+        limit_name = (lowered.get(f"x-{name}-limit-name") or "").strip() or None
+        families.append(LimitFamily(name=name, limit_name=limit_name, primary=primary,
+                                    secondary=secondary))
+    return tuple(families)
+
+
+def usage_from_headers(headers: Mapping[str, str], now: float) -> Usage | None:
+    """Live usage from response headers, if any: the ``x-codex-{primary,secondary}-*``
+    windows, ``x-codex-credits-*`` and additional families ``x-<name>-primary-*``."""
+    lowered = _lower(headers)
+    primary = _header_window(lowered, "x-codex-primary", now)
+    secondary = _header_window(lowered, "x-codex-secondary", now)
+    credits = _header_credits(lowered)
+    families = _header_families(lowered, now)
+    if primary is None and secondary is None and credits is None and not families:
+        return None
+    return Usage(primary=primary, secondary=secondary, updated_at=now, credits=credits,
+                 families=families)
 
 
 def usage_from_rate_limits_event(payload: Mapping[str, Any], now: float) -> Usage | None:
@@ -349,9 +510,29 @@ def usage_from_rate_limits_event(payload: Mapping[str, Any], now: float) -> Usag
     source: Mapping[str, Any] = limits if isinstance(limits, Mapping) else payload
     primary = _window(_first(source, "primary", "primary_window"), now)
     secondary = _window(_first(source, "secondary", "secondary_window"), now)
-    if primary is None and secondary is None:
+    credits = _credits(payload.get("credits")) or _credits(source.get("credits"))
+    if primary is None and secondary is None and credits is None:
         return None
-    return Usage(primary=primary, secondary=secondary, updated_at=now)
+    return Usage(primary=primary, secondary=secondary, updated_at=now, credits=credits)
+
+
+def _wham_families(payload: Mapping[str, Any], now: float) -> tuple[LimitFamily, ...]:
+    extra = payload.get("additional_rate_limits")
+    families = []
+    for item in extra if isinstance(extra, list) else []:
+        if not isinstance(item, Mapping):
+            continue
+        limits = item.get("rate_limit")
+        limits = limits if isinstance(limits, Mapping) else {}
+        name = item.get("metered_feature") or item.get("limit_name")
+        primary = _window(limits.get("primary_window"), now)
+        secondary = _window(limits.get("secondary_window"), now)
+        if isinstance(name, str) and (primary is not None or secondary is not None):
+            limit_name = item.get("limit_name")
+            families.append(LimitFamily(
+                name=name, limit_name=limit_name if isinstance(limit_name, str) else None,
+                primary=primary, secondary=secondary))
+    return tuple(families)
 
 
 def usage_from_wham(payload: Any, now: float) -> Usage:
@@ -359,23 +540,31 @@ def usage_from_wham(payload: Any, now: float) -> Usage:
     if not isinstance(payload, Mapping) or "rate_limit" not in payload:
         raise InvalidPayload("usage answer is not an object with a rate_limit")
     limits = payload["rate_limit"]
+    credits = _credits(payload.get("credits"))
+    families = _wham_families(payload, now)
     if limits is None:
-        return Usage(updated_at=now)
+        return Usage(updated_at=now, credits=credits, families=families)
     if not isinstance(limits, Mapping):
         raise InvalidPayload("usage answer's rate_limit is not an object")
     return Usage(
         primary=_window(limits.get("primary_window"), now),
         secondary=_window(limits.get("secondary_window"), now),
         updated_at=now,
+        credits=credits,
+        families=families,
     )
 
 
 def merge_usage(old: Usage, new: Usage) -> Usage:
-    """A newer reading that lacks a window keeps the older reading's window."""
+    """A newer reading that lacks a window (or credits, or a family) keeps the older one's."""
+    families = {family.name: family for family in old.families}
+    families.update((family.name, family) for family in new.families)
     return Usage(
         primary=new.primary or old.primary,
         secondary=new.secondary or old.secondary,
         updated_at=new.updated_at if new.updated_at is not None else old.updated_at,
+        credits=new.credits or old.credits,
+        families=tuple(families.values()),
     )
 
 

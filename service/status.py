@@ -9,6 +9,7 @@ usage windows as bars, then the upstream client generations. Every failure is on
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -17,6 +18,19 @@ import httpx
 
 TIMEOUT = 5.0
 BAR_CELLS = 10
+
+
+def printable(value: object) -> str:
+    """Text safe for a terminal: control, format and unpaired surrogate characters escaped.
+
+    Emails and ids come from imported tokens; an escape sequence in one could clear the
+    screen or forge lines of our output.
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 class StatusError(Exception):
@@ -79,10 +93,10 @@ def _message(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text.strip()[:200] or "no details"
+        return printable(response.text.strip()[:200]) or "no details"
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
+        return printable(error["message"])
     return "no details"
 
 
@@ -118,37 +132,76 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) and abs(number) < 1e12 else None
     return None
 
 
 def _account_lines(account: dict[str, Any], now: float) -> list[str]:
-    status = str(account.get("status") or "unknown")
+    status = printable(account.get("status") or "unknown")
     reason = account.get("status_reason")
     if reason and status in ("reauth_required", "deactivated"):
-        status += f" ({reason})"
+        status += f" ({printable(reason)})"
     cooldown = _number(account.get("cooldown_until"))
     if cooldown is not None and cooldown > now:
         local = dt.datetime.fromtimestamp(cooldown).strftime("%H:%M")
         status += f" until {local} (in {_duration(cooldown - now)})"
-    head = "  ".join(str(account.get(k) or "-") for k in ("id", "email", "plan"))
+    head = "  ".join(printable(account.get(k) or "-") for k in ("id", "email", "plan"))
     lines = [f"  {head}  {status}"]
     usage = _dict(account.get("usage"))
-    shown = False
+    windows = _window_lines(usage, now, indent="    ")
+    lines += windows or ["    usage not known yet"]
+    credits = _dict(usage.get("credits"))
+    if credits:
+        lines.append("    " + _credits_line(credits, _plan_spent(usage, now)))
+    for family in usage.get("families") or []:
+        if not isinstance(family, dict):
+            continue
+        lines.append(f"    {family.get('limit_name') or family.get('name') or 'limit'}:")
+        lines += _window_lines(family, now, indent="      ")
+    return lines
+
+
+def _window_lines(usage: dict[str, Any], now: float, *, indent: str) -> list[str]:
+    lines = []
     for name in ("primary", "secondary"):
         window = usage.get(name)
         used = _number(window.get("used_percent")) if isinstance(window, dict) else None
         if used is None:
             continue
-        shown = True
-        line = f"    {name:<9} {usage_bar(used)}"
+        line = f"{indent}{name:<9} {usage_bar(used)}"
         reset_at = _number(window.get("reset_at")) if isinstance(window, dict) else None
         if reset_at is not None:
             line += f"  resets in {_duration(reset_at - now)}" if reset_at > now else "  reset"
         lines.append(line)
-    if not shown:
-        lines.append("    usage not known yet")
     return lines
+
+
+def _plan_spent(usage: dict[str, Any], now: float) -> bool:
+    """Whether a plan window is used up and has not reset yet."""
+    for name in ("primary", "secondary"):
+        window = _dict(usage.get(name))
+        used, reset_at = _number(window.get("used_percent")), _number(window.get("reset_at"))
+        if used is not None and used >= 100.0 and (reset_at is None or reset_at > now):
+            return True
+    return False
+
+
+def _credits_line(credits: dict[str, Any], plan_spent: bool) -> str:
+    if credits.get("unlimited"):
+        text = "credits   unlimited"
+    elif credits.get("has_credits"):
+        text = f"credits   balance {credits.get('balance') or '?'}"
+    else:
+        text = "credits   none"
+    usable = bool(credits.get("unlimited") or credits.get("has_credits"))
+    if plan_spent:
+        text += ("  (plan limit reached; still usable on credits)" if usable
+                 else "  (plan limit reached; no credits: waits for the reset)")
+    return text
 
 
 def _client_lines(clients: Any) -> list[str]:
@@ -157,11 +210,12 @@ def _client_lines(clients: Any) -> list[str]:
     current = clients.get("generation")
     leases = _dict(clients.get("leases"))
     retired = {str(g) for g in clients.get("retired") or []}
-    lines = [f"upstream clients: generation {current}"]
+    lines = [f"upstream clients: generation {printable(current)}"]
     for generation, held in sorted(leases.items(), key=lambda item: int(item[0])):
         role = "retired, draining" if generation in retired else "current"
-        lines.append(f"  generation {generation}  {role}  leases={held}")
+        lines.append(printable(f"  generation {generation}  {role}  leases={held}"))
     rotations = _dict(clients.get("rotations"))
     summary = ", ".join(f"{reason}={n}" for reason, n in sorted(rotations.items())) or "none"
-    lines.append(f"  rotations: {summary}; force-closes: {clients.get('force_closes', 0)}")
+    lines.append(printable(
+        f"  rotations: {summary}; force-closes: {clients.get('force_closes', 0)}"))
     return lines

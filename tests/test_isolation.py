@@ -207,6 +207,20 @@ async def test_unclean_close_after_completed_adds_no_failed_event(autojump_clock
         assert sum(e["type"] in TERMINAL_EVENT_TYPES for e in events) == 1
 
 
+async def test_unclean_close_after_completed_over_real_sockets(tmp_path, fake_upstream, chaos):
+    with trio.fail_after(60):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack, stack.http() as http:
+            # Every event, response.completed included, then the connection drops mid-body.
+            fake_upstream.fault("acct-a", "responses",
+                                Fault.stop_midway(after_events=1000, mode="close"))
+            async with http.stream("POST", "/backend-api/codex/responses", json=CODEX_BODY,
+                                   headers=CODEX_HEADERS) as response:
+                assert response.status_code == 200
+                events = await read_sse(response)
+            assert events[-1]["type"] == "response.completed"
+            assert sum(e["type"] in TERMINAL_EVENT_TYPES for e in events) == 1
+
+
 # --- 6: any ensure_fresh failure fails over ------------------------------------------------
 
 
@@ -311,3 +325,25 @@ def test_fault_kinds_render_on_metrics():
     assert "# TYPE codex_lb_request_faults_total counter" in text
     assert 'codex_lb_request_faults_total{kind="bad_input"} 2' in text
 
+
+
+@pytest.mark.parametrize(("exc", "status", "kind"), [
+    (UnicodeEncodeError("ascii", "caf\xe9", 3, 4, "ordinal not in range"), 400, "bad_input"),
+    (ClientError("bad", param="x"), 400, "bad_input"),
+    (OSError(104, "Connection reset by peer"), 502, "upstream"),
+    (StoreError("store.db: disk I/O error"), 503, "store"),
+    (ActorUnavailable("the token refresher is shut down"), 503, "unavailable"),
+    (ValueError("a bug"), 500, "internal"),
+    (ExceptionGroup("one", [StoreError("store.db: locked")]), 503, "store"),
+    (ExceptionGroup("two", [ValueError("a"), KeyError("b")]), 500, "internal"),
+])
+def test_fault_answers_by_kind(exc, status, kind):
+    from actors.errors import openai_error_body
+    from actors.proxy_handler import fault_answer
+
+    err, fault = fault_answer(exc, "req_0123")
+    assert (err.http_status, fault) == (status, kind)
+    body = openai_error_body(err)["error"]
+    assert "req_0123" in body["message"]
+    if kind == "internal":
+        assert "bug" not in body["message"]
