@@ -25,7 +25,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from actors import proxy_websocket, refresh_scheduler, token_refresher
+from actors import proxy_websocket, refresh_scheduler, token_refresher, ws_session
 from actors.accounts import AccountStatus
 from actors.errors import CodexLBError
 from actors.messages import RotationReason
@@ -244,6 +244,7 @@ async def _session(engine: Engine, world: World, sid: str, log: SessionLog,
                     if not frames and rid in world.requests:
                         world.requests[rid].first_byte_seq = world.tick()
                     frames.append(str(json.loads(raw).get("type")))
+                    log.last_frame = raw
                     if frames[-1] in TERMINAL_EVENT_TYPES:
                         break
                 else:
@@ -431,12 +432,16 @@ def _captured_logs() -> Iterator[_LogCapture]:
 @contextmanager
 def _upstream_websockets(world: World) -> Iterator[None]:
     """The ProxyHandler's upstream sockets open onto the world instead of the network."""
-    saved = proxy_websocket.open_upstream_websocket
-    proxy_websocket.open_upstream_websocket = world.open_upstream_websocket  # type: ignore[assignment]
+    # The opener lives in proxy_websocket; ws_session imports it by name.
+    modules = [m for m in (proxy_websocket, ws_session) if hasattr(m, "open_upstream_websocket")]
+    saved = [m.open_upstream_websocket for m in modules]
+    for module in modules:
+        module.open_upstream_websocket = world.open_upstream_websocket  # type: ignore[assignment]
     try:
         yield
     finally:
-        proxy_websocket.open_upstream_websocket = saved  # type: ignore[assignment]
+        for module, original in zip(modules, saved, strict=True):
+            module.open_upstream_websocket = original  # type: ignore[assignment]
 
 
 @contextmanager

@@ -83,6 +83,8 @@ class SessionLog:
     after_close: list[str] = field(default_factory=list)
     error: Exception | None = None
     sockets_open: int = 0
+    server_turns: int = 0
+    last_frame: str | bytes = ""
 
 
 @dataclass(slots=True)
@@ -413,6 +415,20 @@ class World:
             with trio.move_on_after(2, shield=True):
                 await client_stream.aclose()
 
+    def _turn_arrived(self, frame: str | bytes) -> str:
+        """Count a turn reaching the upstream socket; a replay after its first byte is wrong."""
+        try:
+            metadata = json.loads(frame).get("client_metadata") or {}
+            rid = str(metadata.get(REQUEST_ID_HEADER) or "")
+        except (ValueError, AttributeError):
+            rid = ""
+        log = self.requests.setdefault(rid, RequestLog(s.RequestPlan(at=0.0)))
+        if log.first_byte_seq is not None and self.tick() > log.first_byte_seq:
+            self.violate(f"{rid}: turn sent upstream again after its first frame reached the "
+                         "client")
+        log.upstream_calls += 1
+        return rid
+
     async def _ws_server(self, stream: Any, sid: str, log: SessionLog, kind: str) -> None:
         try:
             async with trio.open_nursery() as nursery:
@@ -430,10 +446,12 @@ class World:
                     await request.reject(503, body=b"busy")
                     return
                 socket = await request.accept()
-                for index in range(len(log.plan.turns) + 1):
+                while True:
                     frame = await socket.get_message()
+                    index = log.server_turns  # turns count per session, across its sockets
+                    log.server_turns += 1
                     fault = log.plan.turns[index] if index < len(log.plan.turns) else s.TURN_OK
-                    rid = f"{sid}_{index}"
+                    rid = self._turn_arrived(frame)
                     await socket.send_message(json.dumps({"type": "response.created",
                                                           "response": {"id": rid}}))
                     if fault == s.TURN_CLOSE_MID:
@@ -504,6 +522,7 @@ class SimTransport(httpx.AsyncBaseTransport):
             world.violate(f"a request was sent on generation {self.generation} after its client "
                           "was closed")
             raise RuntimeError("client closed")
+        await request.aread()  # bodies may be streamed
         if request.url.host == AUTH_HOST and request.url.path == "/oauth/token":
             return await world.token_endpoint(request, self.generation)
         if request.url.host == UPSTREAM_HOST and request.url.path == "/backend-api/codex/responses":
