@@ -19,7 +19,10 @@ from actors import client_manager
 from tests.sim.run import describe, simulate
 from tests.sim.schedule import (
     ADMIN_ROTATE,
+    REFRESH_SILENCE,
     REFRESH_SLOW,
+    RESET_AFTER_COMPLETED,
+    STATUS_429,
     AccountPlan,
     Fault,
     RequestPlan,
@@ -53,6 +56,34 @@ pytestmark = pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning"
 @example(schedule=Schedule(accounts=(AccountPlan(expires_in=120.0),),
                            requests=(RequestPlan(at=0.0), RequestPlan(at=0.0)),
                            store=(StoreFault(method="list_accounts", nth=4),)))
+# A failing list_accounts in its background loop crashed the TokenRefresher.
+@example(schedule=Schedule(accounts=(AccountPlan(expires_in=120.0),),
+                           requests=(RequestPlan(at=0.0),),
+                           store=(StoreFault(method="list_accounts", nth=1),)))
+# A failing set_cooldown after a 429 crashed the ProxyHandler.
+@example(schedule=Schedule(accounts=(AccountPlan(expires_in=7200.0),) * 2,
+                           requests=(RequestPlan(at=0.0, faults=(Fault(STATUS_429, 30.0),)),),
+                           store=(StoreFault(method="set_cooldown", nth=1),)))
+# A failing store read inside ensure_fresh crashed the TokenRefresher.
+@example(schedule=Schedule(accounts=(AccountPlan(expires_in=7200.0),),
+                           requests=(RequestPlan(at=0.0),),
+                           store=(StoreFault(method="get", nth=1),)))
+# A failed token write dropped the new triple; the spent refresh token was presented again.
+@example(schedule=Schedule(accounts=(AccountPlan(expires_in=120.0),),
+                           requests=(RequestPlan(at=0.0),),
+                           store=(StoreFault(method="save_tokens", nth=1),)))
+# A token endpoint answering in 20 s was given up on after 15 s and the spent token replayed.
+@example(schedule=Schedule(accounts=(AccountPlan(expires_in=120.0),),
+                           requests=(RequestPlan(at=200.0),),
+                           refreshes=(Fault(REFRESH_SLOW, 20.0),)))
+# An unclean close after response.completed added a response.failed behind it.
+@example(schedule=Schedule(accounts=(AccountPlan(expires_in=7200.0),),
+                           requests=(RequestPlan(at=0.0, faults=(Fault(RESET_AFTER_COMPLETED),)),)))
+# While a refresh's outcome was unknown, every usage sweep rotated the client on the
+# held-back refresh's error, which names no generation (found after the i8fix changes).
+@example(schedule=Schedule(accounts=(AccountPlan(120.0), AccountPlan(7200.0)),
+                           requests=(RequestPlan(at=200.0),),
+                           refreshes=(Fault(REFRESH_SILENCE), Fault(REFRESH_SILENCE))))
 def test_no_fault_schedule_breaks_an_invariant(schedule: Schedule) -> None:
     world = simulate(schedule)
     assert not world.violations, describe(world)
