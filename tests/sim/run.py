@@ -46,6 +46,7 @@ from tests.sim.world import (
 HEADER_TIMEOUT = 15.0
 TOKEN_TIMEOUT = 60.0  # the token endpoint's header timeout (DESIGN.md §2)
 IDLE_TIMEOUT = 240.0
+DEAD_PATH_SILENCE = 3.0
 TOKEN_SPACING = 2.0
 SETTLE = IDLE_TIMEOUT + 20  # after the last client: a left stream may stay silent that long
 RUN_LIMIT = 6 * 3600.0  # mock seconds: a run that needs more has hung
@@ -125,7 +126,12 @@ def bounds(schedule: s.Schedule, plan: s.RequestPlan) -> tuple[float, float]:
             case _:
                 tokens += 2
     store = 10.0 * len(schedule.store)
-    answer = 20 + cost + tokens + store + 4 * plan.event_delay
+    # A route change or a wake ends the exchanges on the old path; one not yet committed is
+    # retried, so it may lose what it had waited so far (at most a header wait or the
+    # held-back opening events) plus the dead path's silence.
+    path_deaths = sum(1 for e in schedule.events if e.kind in (s.ROUTE_CHANGE, s.WAKE))
+    restarts = path_deaths * (max(HEADER_TIMEOUT, 4 * plan.event_delay) + DEAD_PATH_SILENCE + 2)
+    answer = 20 + cost + tokens + store + restarts + 4 * plan.event_delay
     end = answer + 8 * plan.event_delay + 5
     if committed == s.SILENCE_MID_STREAM:
         end += IDLE_TIMEOUT
