@@ -43,15 +43,27 @@ AUTH_URL = f"http://{AUTH_HOST}"
 REQUEST_ID_HEADER = "x-sim-request"
 NAMESPACE = "https://api.openai.com/auth"
 TOKEN_LIFETIME = 3600.0
+HEDGE_AFTER = 2.0  # a streamed call whose headers are this late gets a hedge (actors/hedge.py)
 
 
 @dataclass(slots=True)
 class GenerationLog:
-    number: int
+    """One client the engine built. Keyed by build order: each host's pool numbers its own."""
+
+    key: int
+    number: int  # the generation number its ClientManager gave it
     created_at: float
     closed_at: float | None = None
     open_streams: int = 0
     failed: bool = False  # a transport fault was injected on this generation
+    late: bool = False  # a request on it waited long enough for headers to start a hedge
+    path_died_at: float | None = None  # a route change or wake killed its connections
+    hosts: set[str] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        host = ",".join(sorted(self.hosts)) or "unused"
+        return f"generation {self.number} ({host}, client #{self.key})"
 
 
 @dataclass(slots=True)
@@ -96,6 +108,7 @@ class AuthAccount:
     issued: int = 0
     in_flight: int = 0
     permanent_code: str | None = None  # the server declared the login dead
+    answer_lost: bool = False  # a rotated token's answer died with its network path
 
 
 class World:
@@ -120,6 +133,7 @@ class World:
         self.token_owner: dict[str, str] = {}
         self.refreshes_answered = 0
         self.open_streams: set[SimStream] = set()
+        self._current_call = ""
         self.store = FlakyStore(self)
 
     # --- bookkeeping -----------------------------------------------------------------
@@ -137,9 +151,17 @@ class World:
     def violate(self, what: str) -> None:
         self.violations.append(f"t={self.now():.1f}s {what}")
 
+    def path_died(self) -> None:
+        """A route change or a wake: every connection open now is dead for real."""
+        for gen in self.generations.values():
+            if gen.closed_at is None and gen.path_died_at is None:
+                gen.path_died_at = self.now()
+
     def client_factory(self, generation: int) -> httpx.AsyncClient:
-        self.generations[generation] = GenerationLog(generation, self.now())
-        return SimClient(self, generation, transport=SimTransport(self, generation),
+        """Build a client for one generation of either pool (backend or auth server)."""
+        key = len(self.generations) + 1
+        self.generations[key] = GenerationLog(key, generation, self.now())
+        return SimClient(self, key, transport=SimTransport(self, key),
                          follow_redirects=False, trust_env=False)
 
     # --- accounts ----------------------------------------------------------------------
@@ -190,8 +212,9 @@ class World:
             if account.in_flight > 1:
                 self.violate(f"{owner}: {account.in_flight} refreshes in flight at once")
             if token in account.spent:
-                self.violate(f"{owner}: refresh token {token} presented again after the server "
-                             "rotated it (the account's login is lost)")
+                if not account.answer_lost:  # else no client could have known the new one
+                    self.violate(f"{owner}: refresh token {token} presented again after the "
+                                 "server rotated it (the account's login is lost)")
                 return _json(401, {"error": {"code": "refresh_token_reused",
                                              "message": "refresh token already used"}})
             if account.permanent_code is not None:
@@ -221,11 +244,21 @@ class World:
             tokens, _ = self.mint(account)
             account.current = tokens.refresh_token
             if fault.kind == s.REFRESH_SLOW:
+                gen = self.generations[generation]
+                sent_at = self.now()
                 try:
                     await trio.sleep(fault.delay)
                 except trio.Cancelled:
-                    self.generations[generation].failed = True
+                    gen.failed = True
+                    if gen.path_died_at is not None and gen.path_died_at >= sent_at:
+                        account.answer_lost = True  # the engine gave up on a dead path
                     raise
+                if gen.path_died_at is not None and gen.path_died_at >= sent_at:
+                    # The laptop slept or changed networks while the server was answering:
+                    # the answer goes nowhere, as it would over a real network.
+                    account.answer_lost = True
+                    gen.failed = True
+                    raise httpx.ReadError("connection lost with its network path")
             self.refreshes_answered += 1
             return _json(200, {"access_token": tokens.access_token,
                                "refresh_token": tokens.refresh_token,
@@ -269,6 +302,8 @@ class World:
             case s.SILENCE:
                 await trio.sleep_forever()
             case s.SLOW_HEADERS:
+                if fault.delay >= HEDGE_AFTER:  # type: ignore[union-attr]
+                    gen.late = True
                 try:
                     await trio.sleep(fault.delay)  # type: ignore[union-attr]
                 except trio.Cancelled:
@@ -340,6 +375,8 @@ class World:
             case s.SILENCE:
                 await trio.sleep_forever()
             case s.SLOW_HEADERS:
+                if fault.delay >= HEDGE_AFTER:  # type: ignore[union-attr]
+                    gen.late = True
                 try:
                     await trio.sleep(fault.delay)  # type: ignore[union-attr]
                 except trio.Cancelled:
@@ -366,6 +403,7 @@ class World:
         content_type = "application/json" if json_body else (
             "text/html" if status >= 400 else "text/event-stream")
         stream = SimStream(self, generation, chunks, delay=delay, tail=tail)
+        stream.what = f"HTTP {status} {self._current_call} at t={self.now():.1f}s"
         return httpx.Response(status, headers={"content-type": content_type, **(headers or {})},
                               stream=stream)
 
@@ -389,8 +427,10 @@ class World:
         plan = log.plan
         kind = plan.upgrades[attempt] if attempt < len(plan.upgrades) else s.UPGRADE_ACCEPT
         if kind == s.UPGRADE_REFUSED:
-            # The socket is opened under a lease on the newest generation: blame that one.
-            self.generations[max(self.generations)].failed = True
+            # The socket is opened under a lease on the backend's newest generation.
+            backend = [g for g in self.generations.values() if AUTH_HOST not in g.hosts]
+            if backend:
+                backend[-1].failed = True
             raise OSError(errno.ECONNREFUSED, "connection refused")
         client_stream, server_stream = trio.testing.memory_stream_pair()
         log.sockets_open += 1
@@ -485,6 +525,7 @@ class SimStream(httpx.AsyncByteStream):
         self.delay = delay
         self.tail = tail
         self.closed = False
+        self.what = ""
         world.generations[generation].open_streams += 1
         world.open_streams.add(self)
 
@@ -494,8 +535,8 @@ class SimStream(httpx.AsyncByteStream):
             if self.delay:
                 await trio.sleep(self.delay)
             if gen.closed_at is not None:
-                self.world.violate(f"a stream on generation {self.generation} read after its "
-                                   "client was closed")
+                self.world.violate(f"a stream on {gen.label} read after its client was "
+                                   "closed")
                 raise httpx.ReadError("client closed")
             yield chunk
         if self.tail == "reset":
@@ -519,10 +560,11 @@ class SimTransport(httpx.AsyncBaseTransport):
         world = self.world
         gen = world.generations[self.generation]
         if gen.closed_at is not None:
-            world.violate(f"a request was sent on generation {self.generation} after its client "
-                          "was closed")
+            world.violate(f"a request was sent on {gen.label} after its client was closed")
             raise RuntimeError("client closed")
         await request.aread()  # bodies may be streamed
+        gen.hosts.add(request.url.host)
+        world._current_call = f"{request.method} {request.url.path}"
         if request.url.host == AUTH_HOST and request.url.path == "/oauth/token":
             return await world.token_endpoint(request, self.generation)
         if request.url.host == UPSTREAM_HOST and request.url.path == "/backend-api/codex/responses":
@@ -538,8 +580,8 @@ class SimTransport(httpx.AsyncBaseTransport):
         if gen.closed_at is None:
             gen.closed_at = self.world.now()
             if gen.open_streams:
-                self.world.violate(f"generation {self.generation} closed under "
-                                   f"{gen.open_streams} open stream(s)")
+                self.world.violate(f"{gen.label} closed under {gen.open_streams} open "
+                                   "stream(s)")
 
 
 class SimClient(httpx.AsyncClient):
@@ -552,8 +594,8 @@ class SimClient(httpx.AsyncClient):
 
     async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
         if self.is_closed:
-            self._sim_world.violate(f"a request used generation {self._sim_generation}'s "
-                                    "client after it was closed")
+            gen = self._sim_world.generations[self._sim_generation]
+            self._sim_world.violate(f"a request used {gen.label}'s client after it was closed")
         return await super().send(request, **kwargs)
 
 
