@@ -19,6 +19,7 @@ from actors import client_manager
 from tests.sim.run import describe, simulate
 from tests.sim.schedule import (
     ADMIN_ROTATE,
+    REFRESH_CONNECT_ERROR,
     REFRESH_SILENCE,
     REFRESH_SLOW,
     RESET_AFTER_COMPLETED,
@@ -84,6 +85,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning"
 @example(schedule=Schedule(accounts=(AccountPlan(120.0), AccountPlan(7200.0)),
                            requests=(RequestPlan(at=200.0),),
                            refreshes=(Fault(REFRESH_SILENCE), Fault(REFRESH_SILENCE))))
+# One refused connect to the auth server, then a fresh generation answering, proved the old
+# generation's path dead and cut a slow refresh on it to 3 s: the rotated token was lost.
+@example(schedule=Schedule(accounts=(AccountPlan(120.0), AccountPlan(120.0)),
+                           requests=(RequestPlan(at=200.0),),
+                           refreshes=(Fault(REFRESH_SLOW, 10.0), Fault(REFRESH_CONNECT_ERROR))))
 def test_no_fault_schedule_breaks_an_invariant(schedule: Schedule) -> None:
     world = simulate(schedule)
     assert not world.violations, describe(world)
