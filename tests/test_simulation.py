@@ -20,6 +20,7 @@ from tests.sim.run import describe, simulate
 from tests.sim.schedule import (
     ADMIN_ROTATE,
     REFRESH_CONNECT_ERROR,
+    REFRESH_RESET,
     REFRESH_SILENCE,
     REFRESH_SLOW,
     RESET_AFTER_COMPLETED,
@@ -90,6 +91,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning"
 @example(schedule=Schedule(accounts=(AccountPlan(120.0), AccountPlan(120.0)),
                            requests=(RequestPlan(at=200.0),),
                            refreshes=(Fault(REFRESH_SLOW, 10.0), Fault(REFRESH_CONNECT_ERROR))))
+# A refresh that failed on the auth server's pool made the scheduler rotate the backend's
+# pool with the auth pool's generation number (found after the pools were split).
+@example(schedule=Schedule(accounts=(AccountPlan(expires_in=120.0),),
+                           requests=(RequestPlan(at=0.0, bad_header=True),),
+                           refreshes=(Fault(REFRESH_RESET), Fault(REFRESH_CONNECT_ERROR))))
 def test_no_fault_schedule_breaks_an_invariant(schedule: Schedule) -> None:
     world = simulate(schedule)
     assert not world.violations, describe(world)
