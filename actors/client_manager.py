@@ -128,13 +128,16 @@ class ClientSettings:
     def auth_from_config(cls, config: Any) -> ClientSettings:
         """The auth server's settings (``auth_base_url``): a long header wait, no hedge.
 
-        A refresh token is single use, so the token endpoint is never hedged or replayed.
+        A refresh token is single use, so the token endpoint is never hedged or replayed,
+        and path evidence never cuts its header wait short either: a refresh that reached
+        the server has rotated the token, and only its answer carries the new one.
         """
         import dataclasses
 
         return dataclasses.replace(
             cls.from_config(config), host="auth",
             header_timeout=config.upstream.token_header_timeout, hedge_after=math.inf,
+            dead_path_silence=config.upstream.token_header_timeout,
         )
 
 
@@ -264,15 +267,22 @@ class Lease:
 
         response: httpx.Response | None = None
         failure: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(shorten_on_dead_path)
-            try:
-                with scope:
-                    response = await self.client.send(request, stream=True)
-            except Exception as exc:
-                failure = exc
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(shorten_on_dead_path)
+                try:
+                    with scope:
+                        response = await self.client.send(request, stream=True)
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled just as the headers came: nobody will close this response.
+            if response is not None:
+                with trio.move_on_after(CLOSE_GRACE, shield=True):
+                    await response.aclose()
+            raise
         if failure is not None:
             self._note_kernel(failure, "waiting for headers")
             raise classify(failure, phase=Phase.HEADERS, generation=self.generation) from failure

@@ -8,9 +8,10 @@
   ``usage_concurrency`` at once and started ``usage_spacing`` apart, and stored. An
   account cooled down by a window that has reset since leaves its cooldown.
 * **The seed's rule.** A *failover cycle* is one model refresh (every plan), or one
-  whole usage sweep. In a cycle, the first transport failure (of the upstream call, or of
-  the token refresh before it) rotates the client once (compare-and-swap on the failed
-  lease's generation) and retries the same step on the same account; any later transport
+  whole usage sweep. In a cycle, the first transport failure of the upstream call rotates
+  the client once (compare-and-swap on the failed lease's generation) and retries the same
+  step on the same account (a token refresh rotates the auth server's own pool, never
+  ours, and retries there); any later transport
   failure in the cycle just moves on to the next account. A token refresh that rotated
   on its own (a request shared it and allowed the rotation) spends the cycle's rotation
   too: one cycle rotates at most once in total. HTTP errors, unusable answers
@@ -571,15 +572,15 @@ class RefreshScheduler:
             if tokens is None:
                 attempt.step = "token"
                 try:
+                    # The refresher reaches the auth server through its own client pool and
+                    # rotates that one (once) itself: its failure says nothing about ours.
                     tokens = await self._tokens.ensure_fresh(
-                        account.id, force=force, rotate_on_transport=False,
-                        rejected_access_token=rejected,
+                        account.id, force=force, rejected_access_token=rejected,
                     )
                 except TransportError as err:
                     if getattr(err, "rotated_by_refresher", False):
                         budget.spent = True  # a shared refresh rotated and still failed
-                    await self._rotate_once(err, budget, attempt)
-                    continue
+                    raise
                 if tokens.rotated:
                     budget.spent = True  # the shared refresh spent this cycle's rotation
             attempt.step = "fetch"
@@ -597,7 +598,9 @@ class RefreshScheduler:
         self, err: TransportError, budget: _RotationBudget, attempt: _Attempt
     ) -> None:
         """Spend the cycle's rotation on ``err`` (and return to retry), or re-raise it."""
-        if budget.spent:
+        if budget.spent or err.generation is None:
+            # No generation named (e.g. a refresh held back after an unknown outcome): it
+            # proves nothing about the client, and a rotation without one is a storm.
             raise err
         budget.spent = True
         attempt.rotated = True
