@@ -219,6 +219,91 @@ class SSEParser:
         return event
 
 
+_TYPE_FIELD = re.compile(rb'"type"\s*:\s*"([^"\\]{1,200})"')
+
+
+class SSEScanner:
+    """Where SSE events end and what type they are, without decoding them: the relay's path.
+
+    ``feed(chunk)`` answers the bytes that complete whole events, unchanged (the relay passes
+    them on as they are and keeps an unfinished event back), and for each event in them its
+    end offset in those bytes and its type: the ``event:`` line, else the first
+    ``"type": "…"`` of its data. Blank lines between events ride along unmarked. The
+    upstream ends lines with ``\\n``; a ``\\r`` (legal SSE) hands the rest of the stream to
+    SSEParser, which knows every line end. Raises EventTooLarge like SSEParser.
+    """
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max_event_bytes = max_event_bytes
+        self._tail = bytearray()  # an unfinished event
+        self._parser: SSEParser | None = None
+
+    @property
+    def buffered(self) -> int:
+        return self._parser.buffered if self._parser is not None else len(self._tail)
+
+    def feed(self, chunk: bytes) -> tuple[bytes, list[tuple[int, str | None]]]:
+        if self._parser is None and b"\r" in chunk:
+            self._parser = SSEParser(self._max_event_bytes)
+            chunk, self._tail = bytes(self._tail) + chunk, bytearray()
+        if self._parser is not None:
+            return self._feed_parser(chunk)
+        tail = self._tail
+        buf: bytes | bytearray = chunk
+        search = 0
+        if tail:
+            search = len(tail) - 1  # the tail may end with the first "\n" of a boundary
+            tail += chunk
+            buf = tail
+        marks: list[tuple[int, str | None]] = []
+        start = 0
+        while (cut := buf.find(b"\n\n", search)) >= 0:
+            end = cut + 2
+            if buf[start:cut].strip(b"\n"):
+                marks.append((end, _block_type(buf, start, end)))
+            start = search = end
+        if buf is tail:
+            complete = bytes(tail[:start])
+            del tail[:start]
+        elif start == len(chunk):
+            complete = chunk
+        else:
+            complete = chunk[:start]
+            tail += chunk[start:]
+        if len(self._tail) > self._max_event_bytes:
+            raise EventTooLarge(f"an SSE event exceeded {self._max_event_bytes} bytes")
+        return complete, marks
+
+    def _feed_parser(self, chunk: bytes) -> tuple[bytes, list[tuple[int, str | None]]]:
+        assert self._parser is not None
+        events = self._parser.feed(chunk)
+        marks: list[tuple[int, str | None]] = []
+        end = 0
+        for event in events:
+            end += len(event.raw)
+            marks.append((end, event.event or _block_type(event.raw, 0, len(event.raw))))
+        return b"".join(event.raw for event in events), marks
+
+
+def _block_type(buf: bytes | bytearray, start: int, end: int) -> str | None:
+    while buf[start] == 0x0A:  # stray blank lines before the block
+        start += 1
+    if buf.startswith(b"event:", start):
+        line_end = buf.find(b"\n", start)
+        name = bytes(buf[start + 6 : line_end]).strip()
+        if name:
+            return name.decode("utf-8", "replace")
+    match = _TYPE_FIELD.search(buf, start, end)
+    return match.group(1).decode("utf-8", "replace") if match is not None else None
+
+
+def decode_event(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object of one whole SSE event's bytes (see parse_event_json)."""
+    parser = SSEParser()
+    events = parser.feed(raw) or parser.flush()
+    return parse_event_json(events[-1]) if events else None
+
+
 def encode_sse(event_type: str, data: Mapping[str, Any]) -> bytes:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"event: {event_type}\ndata: {payload}\n\n".encode()

@@ -36,6 +36,11 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 async def json_body() -> dict[str, Any]:
     """The request's JSON object, or a ClientError saying what is wrong with it."""
+    return (await json_request())[0]
+
+
+async def json_request() -> tuple[dict[str, Any], bytes]:
+    """The request's JSON object and the bytes it came in (forwarded when left unchanged)."""
     content_type = request.headers.get("content-type", "")
     if "json" not in content_type.lower():
         raise ClientError(
@@ -50,7 +55,7 @@ async def json_body() -> dict[str, Any]:
         raise ClientError("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ClientError("request body must be a JSON object")
-    return body
+    return body, raw
 
 
 def client_headers() -> tuple[tuple[str, str], ...]:
@@ -58,14 +63,14 @@ def client_headers() -> tuple[tuple[str, str], ...]:
 
 
 def sse_response(exchange: Exchange) -> Response:
-    """Relay an exchange's events byte for byte."""
+    """Relay an exchange's stream byte for byte: each chunk as it comes, one write each."""
     assert exchange.events is not None
-    events = exchange.events
+    chunks = exchange.events.chunks
 
     async def body() -> AsyncIterator[bytes]:
-        with events:
-            async for event in events:
-                yield event.raw
+        with chunks:
+            async for chunk in chunks:
+                yield chunk
 
     response = Response(body(), status=exchange.status, content_type="text/event-stream",
                         headers=SSE_HEADERS)
@@ -99,10 +104,10 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
     proxy = engine.proxy
 
     async def forward_codex(path: str, *, stream: bool) -> Exchange:
-        body = await json_body()
+        body, raw = await json_request()
         headers = client_headers()
         return await proxy.forward(ProxyRequest(
-            path=path, headers=headers, body=body, stream=stream,
+            path=path, headers=headers, body=body, raw_body=raw, stream=stream,
             sticky_key=sticky_key(dict(headers), body),
         ))
 
