@@ -70,12 +70,23 @@ def sse_response(exchange: Exchange) -> Response:
     async def body() -> AsyncIterator[bytes]:
         with chunks:
             async for chunk in chunks:
-                yield chunk
+                yield _with_waiting(chunk, chunks)
 
     response = Response(body(), status=exchange.status, content_type="text/event-stream",
                         headers=SSE_HEADERS)
     response.timeout = None
     return response
+
+
+def _with_waiting(chunk: bytes, chunks: trio.MemoryReceiveChannel[bytes]) -> bytes:
+    """``chunk`` and whatever else is already queued: one write when the client falls behind."""
+    more: list[bytes] = []
+    while True:
+        try:
+            more.append(chunks.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return b"".join((chunk, *more)) if more else chunk
 
 
 async def collect_final_response(exchange: Exchange) -> dict[str, Any]:
