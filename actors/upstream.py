@@ -259,7 +259,7 @@ class SSEScanner:
         start = 0
         while (cut := buf.find(b"\n\n", search)) >= 0:
             end = cut + 2
-            if buf[start:cut].strip(b"\n"):
+            if buf[start] != 0x0A or buf[start:cut].strip(b"\n"):  # not just blank lines
                 marks.append((end, _block_type(buf, start, end)))
             start = search = end
         if buf is tail:
