@@ -205,7 +205,8 @@ def report(args: argparse.Namespace, transport: str, results: dict[str, PathResu
           f"errors {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
     print(f"  {transport}: proxy CPU {proxy_cpu / relayed * 1e6:.1f} us per relayed event, "
           f"{proxy_cpu / proxy.wall * 100:.0f}% of one core while streaming; RSS idle "
-          f"{idle_kib / 1024:.1f} MiB, peak at {args.concurrency} streams {peak_kib / 1024:.1f} MiB")
+          f"{idle_kib / 1024:.1f} MiB, peak at {args.concurrency} streams "
+          f"{peak_kib / 1024:.1f} MiB")
     spread = {k.removeprefix("acct-bench-"): after.get(k, 0) - before.get(k, 0) for k in after}
     if transport == "http":
         print("  http: upstream requests per account over the run (both paths): "

@@ -443,10 +443,50 @@ class RemoteFake:
         await self._control.aclose()
 
 
+class LocalFake(RemoteFake):
+    """The fake upstream in this process and trio run (the old rig: ``--fake in-process``)."""
+
+    def __init__(self, fake: Any) -> None:
+        self._fake = fake
+        self.port = fake.port
+
+    async def add_account(self, *, email: str, chatgpt_account_id: str,
+                          plan: str = "pro") -> BenchAccount:
+        account = self._fake.add_account(email=email, chatgpt_account_id=chatgpt_account_id,
+                                         plan=plan)
+        return BenchAccount(chatgpt_account_id=account.chatgpt_account_id,
+                            access_token=account.access_token,
+                            auth_json=self._fake.auth_json(account))
+
+    async def configure(self, **settings: Any) -> None:
+        for name, value in settings.items():
+            setattr(self._fake, name, value)
+
+    async def counters(self) -> dict[str, dict[str, int]]:
+        counters: dict[str, dict[str, int]] = self._fake.counters
+        return counters
+
+    async def aclose(self) -> None:
+        pass
+
+
 def _cpu(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+@asynccontextmanager
+async def run_fake(where: str = "process") -> AsyncIterator[RemoteFake]:
+    """The fake upstream in its own process (default) or in this one (``in-process``)."""
+    if where == "process":
+        async with run_fake_process() as fake:
+            yield fake
+        return
+    from tests.fakes.upstream import open_fake_upstream
+
+    async with open_fake_upstream() as local:
+        yield LocalFake(local)
 
 
 @asynccontextmanager
@@ -552,19 +592,24 @@ class Samples:
 
 async def alternate(
     count: int, direct_call: Callable[[], Any], proxy_call: Callable[[], Any], samples: Samples,
-    proxy: ProxyProcess | None = None,
+    proxy: ProxyProcess | None = None, *, order: str = "abba",
 ) -> None:
-    """``count`` pairs in ABBA order: direct-proxy, proxy-direct, ..."""
-    for index in range(count):
-        order = ("direct", "proxy") if index % 2 == 0 else ("proxy", "direct")
-        for which in order:
-            call = direct_call if which == "direct" else proxy_call
-            cpu = sum(proxy.cpu_seconds()) if proxy is not None and which == "proxy" else 0.0
-            started = time.perf_counter()
-            getattr(samples, which).append(await call())
-            samples.wall[which] += time.perf_counter() - started
-            if proxy is not None and which == "proxy":
-                samples.proxy_cpu += sum(proxy.cpu_seconds()) - cpu
+    """``count`` pairs in ABBA order (direct-proxy, proxy-direct, ...), or with ``order=
+    "blocks"`` all direct turns then all proxied ones back to back, as one user would send them.
+    """
+    if order == "blocks":
+        sequence = ["direct"] * count + ["proxy"] * count
+    else:
+        sequence = [w for i in range(count)
+                    for w in (("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"))]
+    for which in sequence:
+        call = direct_call if which == "direct" else proxy_call
+        cpu = sum(proxy.cpu_seconds()) if proxy is not None and which == "proxy" else 0.0
+        started = time.perf_counter()
+        getattr(samples, which).append(await call())
+        samples.wall[which] += time.perf_counter() - started
+        if proxy is not None and which == "proxy":
+            samples.proxy_cpu += sum(proxy.cpu_seconds()) - cpu
 
 
 @dataclass(frozen=True)
@@ -641,7 +686,7 @@ def reply_text(deltas: int) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     profile_out: Path | None = args.profile_out if args.profile else None
-    async with run_fake_process() as fake:
+    async with run_fake(args.fake) as fake:
         async with _upstream_port(fake, args.chaos) as upstream_port:
             if args.in_process:
                 async with run_proxy_in_process(fake, upstream_port=upstream_port) as url:
@@ -729,7 +774,7 @@ async def _http_turns(args: argparse.Namespace, fake: RemoteFake, proxy_url: str
 
         await alternate(args.warmup, direct, proxied, Samples())
         samples = Samples()
-        await alternate(turns, direct, proxied, samples, proxy)
+        await alternate(turns, direct, proxied, samples, proxy, order=args.order)
         return samples
 
 
@@ -752,7 +797,7 @@ async def _ws_turns(args: argparse.Namespace, fake: RemoteFake, proxy_url: str,
 
         await alternate(args.warmup, direct, proxied, Samples())
         samples = Samples()
-        await alternate(turns, direct, proxied, samples, proxy)
+        await alternate(turns, direct, proxied, samples, proxy, order=args.order)
         return samples
 
 
@@ -857,6 +902,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", choices=("proxy", "bare"), default="proxy",
                         help="bare: measure bench/bare_relay.py (the stack's floor; HTTP only) "
                              "in place of the proxy")
+    parser.add_argument("--fake", choices=("process", "in-process"), default="process",
+                        help="run the fake upstream in its own process (default) or in this one")
+    parser.add_argument("--order", choices=("abba", "blocks"), default="abba",
+                        help="abba: alternate direct and proxied turns; blocks: all direct turns, "
+                             "then all proxied ones back to back")
     parser.add_argument("--chaos", action="store_true",
                         help="put the chaos TCP proxy (pass mode) in front of the fake")
     parser.add_argument("--profile", choices=("cprofile", "pyinstrument", "py-spy"),
