@@ -23,12 +23,13 @@ After the first byte nothing is replayed: failures end the stream with a termina
 
 from __future__ import annotations
 
-import json
 import logging
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, assert_never
 
 import httpx
@@ -37,11 +38,12 @@ import trio_websocket
 
 from actors import balancer
 from actors import proxy_websocket as ws
-from actors.accounts import AccountStore, Usage
+from actors.accounts import AccountStore, StoreFailure, Usage
 from actors.client_manager import ClientHandle, Lease, keepalive_socket_options
 from actors.errors import (
     ActorUnavailable,
     AuthExpired,
+    ClientError,
     CodexLBError,
     InvalidResponse,
     PermanentAuth,
@@ -50,18 +52,21 @@ from actors.errors import (
     RateLimited,
     ServerError,
     TransportError,
+    UnexpectedError,
     UpstreamError,
     classify,
 )
-from actors.messages import RotationReason, answer, call, close_inbox
+from actors.messages import FreshTokens, RotationReason, answer, call, close_inbox
 from actors.proxy_websocket import WebSocketSession
 from actors.token_refresher import TokenHandle
 from actors.upstream import (
     TERMINAL_EVENT_TYPES,
     EventTooLarge,
+    JsonContent,
     SSEEvent,
     SSEParser,
     SSEScanner,
+    TextContent,
     classify_response,
     classify_stream_error_event,
     decode_event,
@@ -72,10 +77,12 @@ from actors.upstream import (
     usage_from_headers,
     usage_from_rate_limits_event,
 )
+from actors.usage_writer import UsageWriter
 
 log = logging.getLogger("codex_lb_trio.proxy")
 
 INBOX_SIZE = 256
+USAGE_FLUSH_BOUND = 5.0  # shielded ceiling on writing pending usage when the actor stops
 CHUNK_BUFFER = 8  # chunks queued towards the client before the upstream read waits
 HOLD_EVENTS = 8  # at most this many opening events are held back before committing
 MAX_ERROR_BODY = 1024 * 1024
@@ -113,15 +120,15 @@ class ProxySettings:
 class ProxyRequest:
     """What a route hands the proxy: an upstream path under base_url and its payload.
 
-    ``body`` is the parsed JSON, for reading; ``raw_body``, when given, is the bytes the
-    client sent for that same body, and goes upstream as they are (no re-encoding).
+    ``body`` is the parsed JSON, for reading; ``raw_body``, when given, is the JSON text the
+    client sent for that same body, and goes upstream as it came (no re-serialising).
     """
 
     path: str
     method: str = "POST"
     headers: tuple[tuple[str, str], ...] = ()
     body: dict[str, Any] | None = None
-    raw_body: bytes | None = None
+    raw_body: str | None = None
     query: tuple[tuple[str, str], ...] = ()
     stream: bool = True
     sticky_key: str | None = None
@@ -167,6 +174,8 @@ class _Attempt:
     refreshed: set[str] = field(default_factory=set)
     transport_retried: set[str] = field(default_factory=set)
     last_error: CodexLBError | None = None
+    # The access token each account's last attempt sent: a 401 names it as the stale one.
+    used_tokens: dict[str, str] = field(default_factory=dict)
 
 
 class _Failover(Exception):
@@ -227,6 +236,9 @@ class ProxyHandler:
         self._in_flight: Counter[str] = Counter()
         self._sticky = balancer.StickyTable()
         self.counters: Counter[str] = Counter()
+        # Faults caught at a request task's boundary, by kind (see FAULT_KINDS).
+        self.faults: Counter[str] = Counter({kind: 0 for kind in FAULT_KINDS})
+        self.usage = UsageWriter(store, merge_usage)
 
     def close(self) -> None:
         """The actor is gone for good: queued and later requests fail at once."""
@@ -236,6 +248,17 @@ class ProxyHandler:
         return ProxyHandle(self._inbox_send.clone())
 
     async def run(self, *, task_status: trio.TaskStatus[ProxyHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as writer:
+            writer.start_soon(self.usage.run)
+            try:
+                await self._serve_inbox(task_status)
+            finally:
+                # Requests are done (or cancelled): write the usage they left, bounded.
+                writer.cancel_scope.cancel()
+                with trio.move_on_after(USAGE_FLUSH_BOUND, shield=True):
+                    await self.usage.flush()
+
+    async def _serve_inbox(self, task_status: trio.TaskStatus[ProxyHandle]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started(self.handle())
@@ -244,12 +267,16 @@ class ProxyHandler:
                     case Forward():
                         nursery.start_soon(self._serve, message)
                     case OpenWebSocket():
-                        nursery.start_soon(self._serve_websocket, message)
+                        nursery.start_soon(self._task_boundary, "websocket", message.reply,
+                                           partial(self._serve_websocket, message))
                     case GetProxyStats():
                         with message.reply:
                             answer(message.reply, {
                                 "in_flight": dict(+self._in_flight),
                                 "counters": dict(self.counters),
+                                "request_faults": dict(self.faults),
+                                "usage_batches": self.usage.batches,
+                                "usage_write_failures": self.usage.failures,
                                 "sticky_sessions": len(self._sticky),
                             })
                     case _:
@@ -257,7 +284,37 @@ class ProxyHandler:
 
     # --- one request ----------------------------------------------------------------
 
+    async def _task_boundary(
+        self, kind: str, reply: trio.MemorySendChannel[Any], work: Callable[[], Awaitable[object]]
+    ) -> None:
+        """Run one request task so that no exception of it reaches the actor's nursery.
+
+        A fault stays in its request: whatever ``work`` raises (a bad header byte, a store
+        error, a bug) becomes this request's own answer, an error in OpenAI's shape with a
+        request id, if nothing was answered yet; a stream already handed over ends with its
+        own terminal event (the relay guarantees one). Either way the fault is logged once
+        and counted in ``faults`` (shown on /metrics). Cancellation passes through.
+        """
+        request_id = "req_" + secrets.token_hex(6)
+        # Our own clone: the work may close its end of the reply before it raises.
+        with reply.clone() as keep:
+            try:
+                await work()
+            except Exception as exc:
+                err, fault = fault_answer(exc, request_id)
+                self.faults[fault] += 1
+                answered = answer(keep, err)
+                if fault == "internal":
+                    log.error("request %s (%s) failed: %s answered=%s", request_id, kind,
+                              err.message, answered, exc_info=exc)
+                else:
+                    log.warning("request %s (%s) failed (%s): %s answered=%s", request_id, kind,
+                                fault, err.message, answered)
+
     async def _serve(self, message: Forward) -> None:
+        await self._task_boundary("http", message.reply, partial(self._serve_http, message))
+
+    async def _serve_http(self, message: Forward) -> None:
         request, reply = message.request, message.reply
         with reply:
             await self._with_failover(
@@ -300,6 +357,7 @@ class ProxyHandler:
         if attempt.retry_same is not None:
             account_id, attempt.retry_same = attempt.retry_same, None
             return account_id
+        # A store failure here is this request's 503, answered at its task boundary.
         accounts = await self._store.list_accounts()
         sticky_id = self._sticky.get(request.sticky_key) if request.sticky_key else None
         try:
@@ -327,12 +385,8 @@ class ProxyHandler:
         self, request: ProxyRequest, account_id: str, attempt: _Attempt,
         reply: trio.MemorySendChannel[Any],
     ) -> None:
-        try:
-            fresh = await self._tokens.ensure_fresh(account_id)
-        except (PermanentAuth, TransportError, UpstreamError, InvalidResponse) as exc:
-            attempt.tried.add(account_id)
-            attempt.last_error = exc
-            raise _Failover from None
+        fresh = await self._fresh_tokens(account_id, attempt)
+        content = await _content(request)
         async with self._clients.lease() as lease:
             http_request = lease.client.build_request(
                 request.method,
@@ -341,8 +395,8 @@ class ProxyHandler:
                 headers=upstream_headers(
                     request.headers, access_token=fresh.tokens.access_token,
                     chatgpt_account_id=fresh.account.chatgpt_account_id,
-                ),
-                content=_content(request),
+                ) | (content.headers if content is not None else {}),
+                content=content,
             )
             try:
                 response = await lease.send(http_request)
@@ -367,6 +421,19 @@ class ProxyHandler:
                 await self._relay(response, lease, account_id, attempt, headers, reply)
             finally:
                 await response.aclose()
+
+    async def _fresh_tokens(self, account_id: str, attempt: _Attempt) -> FreshTokens:
+        """The account's tokens, or fail over: whatever went wrong (a dead login, an account
+        removed meanwhile, a refresher that is restarting) is this account's problem only."""
+        try:
+            fresh = await self._tokens.ensure_fresh(account_id)
+        except CodexLBError as exc:
+            attempt.tried.add(account_id)
+            attempt.last_error = exc
+            log.info("proxy account=%s no usable token (%s): failing over", account_id, exc.message)
+            raise _Failover from None
+        attempt.used_tokens[account_id] = fresh.tokens.access_token
+        return fresh
 
     async def _on_transport(
         self, exc: TransportError, lease: Lease, account_id: str, attempt: _Attempt
@@ -406,7 +473,10 @@ class ProxyHandler:
         status = failure.status
         if kind in ("rate_limited", "quota"):
             until = failure.resets_at or now + self.settings.default_cooldown
-            await self._store.set_cooldown(account_id, until)
+            try:
+                await self._store.set_cooldown(account_id, until)
+            except (StoreFailure, LookupError) as exc:  # the failover goes on without it
+                log.warning("proxy account=%s cooldown not saved: %s", account_id, exc)
             self._sticky.forget_account(account_id)
             attempt.tried.add(account_id)
             cls = RateLimited if kind == "rate_limited" else QuotaExceeded
@@ -423,7 +493,8 @@ class ProxyHandler:
             else:
                 attempt.refreshed.add(account_id)
                 try:
-                    await self._tokens.ensure_fresh(account_id, force=True)
+                    await self._tokens.ensure_fresh(
+                        account_id, force=True, rejected_access_token=attempt.used_tokens.get(account_id))
                     attempt.retry_same = account_id
                     log.info("proxy account=%s error=401: refreshed, retrying", account_id)
                 except CodexLBError as exc:
@@ -440,15 +511,14 @@ class ProxyHandler:
         raise _Failover
 
     def _note_usage(self, account_id: str, usage: Usage) -> None:
-        """Record a live usage reading without waiting (never on the path to a byte)."""
-        self._nursery.start_soon(self._record_usage, account_id, usage)
+        """Record a live usage reading without waiting (never on the path to a byte).
 
-    async def _record_usage(self, account_id: str, usage: Usage) -> None:
-        try:
-            current = await self._store.get(account_id)
-            await self._store.set_usage(account_id, merge_usage(current.usage, usage))
-        except Exception as exc:  # usage is advisory; never fail a request over it
-            log.debug("usage update account=%s failed: %s", account_id, exc)
+        The reading is coalesced with others of the same account and written by the
+        usage writer in one transaction per interval; it outlives the request (and is
+        flushed when the actor stops). The merge with the stored reading happens in one
+        place, inside the store's write.
+        """
+        self.usage.note(account_id, usage)
 
     # --- websocket sessions ------------------------------------------------------------
 
@@ -484,12 +554,7 @@ class ProxyHandler:
         reply: trio.MemorySendChannel[Any], relay: ws.TurnRelay, session: ws.WebSocketSession,
     ) -> bool:
         """One upstream socket for the session. False: the upstream wants HTTP instead."""
-        try:
-            fresh = await self._tokens.ensure_fresh(account_id)
-        except (PermanentAuth, TransportError, UpstreamError, InvalidResponse) as exc:
-            attempt.tried.add(account_id)
-            attempt.last_error = exc
-            raise _Failover from None
+        fresh = await self._fresh_tokens(account_id, attempt)
         headers = ws.handshake_headers(request.headers, fresh.tokens.access_token,
                                        fresh.account.chatgpt_account_id)
         url = ws.websocket_url(self.settings.base_url, request.path)
@@ -566,8 +631,8 @@ class ProxyHandler:
             with sink.stop:
                 try:
                     await lease.pump(response, sink)  # type: ignore[arg-type]  # has send()
-                except CodexLBError as exc:
-                    errors.append(exc)
+                except Exception as exc:  # any fault ends this stream, never the actor
+                    errors.append(classify(exc, phase=Phase.BODY, generation=lease.generation))
             return await self._end_stream(sink, errors, lease, account_id, attempt)
 
     async def _end_stream(
@@ -583,6 +648,11 @@ class ProxyHandler:
             await self._on_failure(sink.early_failure, account_id, attempt)
         if sink.error is not None:
             errors.append(sink.error)
+        if sink.bug is not None:  # our own bug: this stream ends, with its terminal event
+            self.faults["internal"] += 1
+            log.error("proxy account=%s relay failed generation=%d", account_id,
+                      lease.generation, exc_info=sink.bug)
+            errors.append(UnexpectedError(f"internal error: {type(sink.bug).__name__}"))
         if outcome.terminal is not None:
             if errors:  # the stream was complete: what broke after it is not the client's
                 log.debug("proxy account=%s after the terminal event: %s", account_id, errors[0])
@@ -653,6 +723,7 @@ class _StreamRelay:
         self.client_gone = False
         self.early_failure: Any = None
         self.error: CodexLBError | None = None
+        self.bug: Exception | None = None
 
     def commit_now(self) -> None:
         self.committed = True
@@ -672,6 +743,13 @@ class _StreamRelay:
             self.client_gone = True
 
     async def send(self, chunk: bytes) -> None:
+        try:
+            await self._pass_on(chunk)
+        except Exception as exc:  # a bug of ours: caught here, not taken for a transport error
+            self.bug = exc
+            self._stop.cancel()
+
+    async def _pass_on(self, chunk: bytes) -> None:
         outcome = self.outcome
         if outcome.terminal is not None:
             return  # draining after the terminal event
@@ -793,16 +871,52 @@ class PassThrough(CodexLBError):
         self.content_type = content_type or "application/json"
 
 
+FAULT_KINDS = ("bad_input", "upstream", "store", "unavailable", "internal")
+
+
+def fault_answer(exc: BaseException, request_id: str) -> tuple[CodexLBError, str]:
+    """The answer a request gets for a fault caught at its task boundary, and its kind.
+
+    4xx for bad input, 502 for upstream trouble, 503 when the store or an actor is
+    unavailable, 500 only for our own bug. The message carries the request id (to find
+    the log line) and never the exception's text for a bug (it could quote anything).
+    """
+    leaf = exc
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    suffix = f" (request id {request_id})"
+    err: CodexLBError
+    if isinstance(leaf, StoreFailure):
+        err = ActorUnavailable(f"the account store failed: {leaf}{suffix}")
+        err.code = "store_unavailable"
+        return err, "store"
+    if isinstance(leaf, UnicodeError):
+        return ClientError(f"the request holds characters that cannot be forwarded{suffix}"), "bad_input"
+    if not isinstance(leaf, CodexLBError) and isinstance(leaf, httpx.HTTPError | OSError):
+        leaf = classify(leaf)
+    if isinstance(leaf, PassThrough):
+        return leaf, "upstream"
+    if isinstance(leaf, CodexLBError) and not isinstance(leaf, UnexpectedError):
+        kind = ("bad_input" if isinstance(leaf, ClientError)
+                else "unavailable" if isinstance(leaf, ActorUnavailable)
+                else "upstream" if isinstance(leaf, TransportError | UpstreamError | InvalidResponse)
+                else "internal")
+        if kind != "internal":
+            leaf.message = f"{leaf.message}{suffix}"
+            return leaf, kind
+    return UnexpectedError(f"internal error{suffix}; see the server log"), "internal"
+
+
 def _prefer_last(attempt: _Attempt, exc: CodexLBError) -> bool:
     # Once something was tried, its failure explains more than "nothing left to try" —
     # except a usage limit, whose resets_at the client needs.
     return attempt.last_error is not None and not isinstance(exc, RateLimited)
 
 
-def _content(request: ProxyRequest) -> bytes | None:
+async def _content(request: ProxyRequest) -> TextContent | JsonContent | None:
     if request.raw_body is not None:
-        return request.raw_body
-    return json.dumps(request.body).encode() if request.body is not None else None
+        return TextContent.of(request.raw_body)  # what the client sent, not re-encoded
+    return await JsonContent.build(request.body) if request.body is not None else None
 
 
 async def _read_bounded(response: httpx.Response, lease: Lease) -> bytes:

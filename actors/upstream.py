@@ -21,10 +21,12 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Literal, TypeAlias
+
+import trio
 
 from actors.accounts import AccountStatus, Usage, UsageWindow
 from actors.errors import DEACTIVATED_CODES as DEACTIVATED_CODES
@@ -63,11 +65,34 @@ UPSTREAM_DROP_HEADERS = frozenset(
     {"authorization", "chatgpt-account-id", "host", "content-length", "connection",
      "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
      "accept-encoding", "cookie", "x-api-key", "api-key",
-     "remote-addr"}  # Quart's synthetic header carrying our client's address
+     "remote-addr",  # Quart's synthetic header carrying our client's address
+     "content-encoding",  # we decoded the body (service/body.py); it goes up re-encoded as JSON
+     "origin", "referer", "x-csrf-token"}  # a browser's, about our client's page: not upstream's
 )  # fmt: skip
 UPSTREAM_DROP_PREFIXES = ("proxy-", "x-forwarded-", "sec-websocket-", ":")
 
 HeaderInput: TypeAlias = "Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]"
+
+
+def unsendable_header(pairs: Iterable[tuple[str, str]]) -> str | None:
+    """The first header whose value cannot be sent upstream as it is, or None.
+
+    httpx and trio-websocket encode header values as ASCII; a value with another character
+    (a non-ASCII byte decoded as latin-1, or anything beyond latin-1) or a control character
+    would raise deep inside the exchange. Checked at the door and again here, so it is always
+    the client's 400, never our crash.
+    """
+    for name, value in pairs:
+        if not value.isascii() or any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+            return name
+    return None
+
+
+def bad_header_error(name: str) -> ClientInputError:
+    return ClientInputError(
+        f"request header {name!r} has a value with characters that cannot be forwarded "
+        "(only printable ASCII is allowed)", param=name,
+    )
 
 
 def _header_items(headers: Any) -> list[tuple[str, str]]:
@@ -101,10 +126,149 @@ def upstream_headers(
             continue
         if name.startswith(UPSTREAM_DROP_PREFIXES):
             continue
+        if unsendable_header([(name, value)]) is not None:
+            raise bad_header_error(name)
         out[name] = f"{out[name]}, {value}" if name in out else value
     out["authorization"] = f"Bearer {access_token}"
     out["chatgpt-account-id"] = chatgpt_account_id
     return out
+
+
+# --- request bodies on the way up ----------------------------------------------------------
+
+JSON_SLICE = 64 * 1024
+# Strings longer than this are escaped slice by slice (json.dumps would hold two whole copies).
+JSON_BIG_STRING = 256 * 1024
+# Containers nested deeper than this are left to json.dumps whole (bounded Python recursion).
+JSON_WALK_DEPTH = 32
+_JSON_SCALARS = (int, float, bool, type(None))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _flat(values: Iterable[Any]) -> bool:
+    """Only scalars and short strings: json.dumps can take these whole, at C speed."""
+    return all(
+        isinstance(v, _JSON_SCALARS) or (isinstance(v, str) and len(v) <= JSON_BIG_STRING)
+        for v in values
+    )
+
+
+def json_pieces(value: Any, depth: int = 0) -> Iterable[str]:
+    """``json.dumps(value)`` (compact, ASCII) as pieces, none much larger than a big string slice.
+
+    The C encoder builds its whole output and then joins it, so a 30 MiB string costs two
+    extra 30 MiB copies at once; walking the containers ourselves and escaping big strings
+    slice by slice keeps the extra memory to the pieces themselves.
+    """
+    if isinstance(value, str):
+        if len(value) <= JSON_BIG_STRING:
+            yield _compact(value)
+            return
+        yield '"'
+        for start in range(0, len(value), JSON_BIG_STRING):
+            yield _compact(value[start : start + JSON_BIG_STRING])[1:-1]
+        yield '"'
+    elif isinstance(value, dict):
+        if depth >= JSON_WALK_DEPTH or _flat(value.values()) or not all(
+            isinstance(k, str) for k in value
+        ):
+            yield _compact(value)
+            return
+        yield "{"
+        for index, (key, item) in enumerate(value.items()):
+            yield ("," if index else "") + _compact(key) + ":"
+            yield from json_pieces(item, depth + 1)
+        yield "}"
+    elif isinstance(value, list | tuple):
+        if depth >= JSON_WALK_DEPTH or _flat(value):
+            yield _compact(value)
+            return
+        yield "["
+        for index, item in enumerate(value):
+            if index:
+                yield ","
+            yield from json_pieces(item, depth + 1)
+        yield "]"
+    else:
+        yield _compact(value)
+
+
+@dataclass(frozen=True, slots=True)
+class JsonContent:
+    """A JSON request body serialised once, in pieces, sent with its Content-Length.
+
+    ``json.dumps(body).encode()`` of a 30 MiB body briefly holds four copies of it; here the
+    pieces are the only copy (ASCII, so their length is the byte count) and each is encoded
+    only when it is sent. Re-iterable: a retry sends it again.
+    """
+
+    pieces: tuple[str, ...]
+    length: int
+
+    @classmethod
+    def of(cls, body: Any) -> JsonContent:
+        pieces = tuple(json_pieces(body))
+        return cls(pieces, sum(map(len, pieces)))
+
+    @classmethod
+    async def build(cls, body: Any) -> JsonContent:
+        """Like ``of``, but lets other tasks run after every MiB of output (no long stall)."""
+        pieces: list[str] = []
+        length = since_checkpoint = 0
+        for piece in json_pieces(body):
+            pieces.append(piece)
+            length += len(piece)
+            since_checkpoint += len(piece)
+            if since_checkpoint >= 1024 * 1024:
+                await trio.lowlevel.checkpoint()
+                since_checkpoint = 0
+        return cls(tuple(pieces), length)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"content-length": str(self.length)}
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        batch: list[str] = []
+        size = 0
+        for piece in self.pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= JSON_SLICE:
+                yield "".join(batch).encode("ascii")
+                batch, size = [], 0
+        if batch:
+            yield "".join(batch).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class TextContent:
+    """The JSON text a client sent, forwarded as it came: UTF-8, in slices, with its length.
+
+    The body reader keeps the request's text (service/body.py), so forwarding it costs no
+    re-serialising and no extra whole copy: each slice is encoded only when it is sent.
+    """
+
+    text: str
+    length: int
+
+    @classmethod
+    def of(cls, text: str) -> TextContent:
+        if text.isascii():
+            return cls(text, len(text))
+        slices = range(0, len(text), JSON_SLICE)
+        return cls(text, sum(len(text[i : i + JSON_SLICE].encode()) for i in slices))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"content-length": str(self.length)}
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.text), JSON_SLICE):
+            yield self.text[start : start + JSON_SLICE].encode()
 
 
 # --- server-sent events ------------------------------------------------------------------

@@ -26,12 +26,14 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -39,7 +41,17 @@ from typing import Any, TypeVar
 import trio
 from cryptography.fernet import Fernet, InvalidToken
 
-from actors.accounts import Account, AccountNotFound, AccountStatus, TokenSet, Usage
+from actors.accounts import (
+    Account,
+    AccountNotFound,
+    AccountStatus,
+    StoreFailure,
+    TokenSet,
+    TokenVersionConflict,
+    Usage,
+)
+
+log = logging.getLogger("codex_lb_trio.store")
 
 STORE_FILENAME = "store.db"
 KEY_FILENAME = "secret.key"
@@ -53,7 +65,7 @@ _KEY_CHECK_PLAINTEXT = b"codex-lb-trio key check"
 _T = TypeVar("_T")
 
 
-class StoreError(Exception):
+class StoreError(StoreFailure):
     """The account store cannot be opened or used; the message says why in one line."""
 
 
@@ -91,12 +103,19 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1, _migrate_to_2)
+def _migrate_to_3(db: sqlite3.Connection) -> None:
+    """Token writes carry a version, so an older state can never overwrite a newer login."""
+    db.execute("ALTER TABLE accounts ADD COLUMN token_version INTEGER NOT NULL DEFAULT 1")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_to_1, _migrate_to_2, _migrate_to_3,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id, email, chatgpt_account_id, chatgpt_user_id, plan, status, status_reason, tokens,"
-    " access_expires_at, last_refresh, cooldown_until, usage, created_at"
+    " access_expires_at, last_refresh, cooldown_until, usage, created_at, token_version"
 )
 
 
@@ -131,28 +150,52 @@ def _migrate(db: sqlite3.Connection, db_path: Path) -> None:
 # --- the key file and the token cipher --------------------------------------------------
 
 
+def _open_private(path: Path, flags: int, what: str) -> int:
+    """Open ``path`` without following a symlink and make it 0600 (through the fd, not the name).
+
+    A symlinked key or store is refused: chmod-ing through it would change its target (run as
+    root, any file on the system).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise StoreError(
+                f"{what} {path} is a symbolic link; refusing to use it: replace it with the "
+                "file itself"
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"{what} {path} is not a regular file")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError:
+                raise StoreError(
+                    f"{what} {path} is accessible by other users (mode {mode:o}) and "
+                    f"cannot be tightened: run `chmod 600 {path}`"
+                ) from None
+            log.warning("%s %s was readable by other users (mode %o); now 0600", what, path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _read_key(key_path: Path) -> bytes:
     """Read the key, tightening its mode to 0600 if it is wider."""
-    info = os.stat(key_path)
-    if not stat.S_ISREG(info.st_mode):
-        raise StoreError(f"key file {key_path} is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        try:
-            os.chmod(key_path, 0o600)
-        except OSError:
-            raise StoreError(
-                f"key file {key_path} is accessible by other users (mode {mode:o}) and "
-                f"cannot be tightened: run `chmod 600 {key_path}`"
-            ) from None
-    with open(key_path, "rb") as key_file:
+    fd = _open_private(key_path, os.O_RDONLY, "key file")
+    with os.fdopen(fd, "rb") as key_file:
         return key_file.read().strip()
 
 
 def _load_or_create_key(key_path: Path) -> bytes:
     """The Fernet key of this data dir, created (mode 0600) on first use."""
     try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         key = _read_key(key_path)
         # Another process may have created the file a moment ago and not written it yet.
@@ -175,6 +218,20 @@ def _load_or_create_key(key_path: Path) -> bytes:
             "characters); restore the original key file"
         ) from None
     return key
+
+
+def _check_data_dir(home: Path, *, created: bool) -> None:
+    """Tighten a data dir we just made; warn (once per open) about one others can read."""
+    mode = stat.S_IMODE(os.stat(home).st_mode)
+    if not mode & 0o077:
+        return
+    if created:
+        os.chmod(home, 0o700)
+        return
+    log.warning(
+        "data dir %s is accessible by other users (mode %o): the store and its key are 0600, "
+        "but run `chmod 700 %s` to keep others from seeing even their names", home, mode, home
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -260,6 +317,7 @@ def _row_to_account(row: tuple[Any, ...], cipher: _TokenCipher) -> Account:
         cooldown_until,
         usage,
         created_at,
+        token_version,
     ) = row
     try:
         parsed_status = AccountStatus(status)
@@ -282,12 +340,22 @@ def _row_to_account(row: tuple[Any, ...], cipher: _TokenCipher) -> Account:
         cooldown_until=cooldown_until,
         usage=parsed_usage,
         created_at=created_at,
+        token_version=token_version,
     )
 
 
 def _load_all(db: sqlite3.Connection, cipher: _TokenCipher) -> dict[str, Account]:
+    """Every readable account; a row that cannot be read is reported and skipped, not fatal."""
     rows = db.execute(f"SELECT {_COLUMNS} FROM accounts").fetchall()
-    return {row[0]: _row_to_account(row, cipher) for row in rows}
+    accounts: dict[str, Account] = {}
+    for row in rows:
+        try:
+            accounts[row[0]] = _row_to_account(row, cipher)
+        except StoreError as exc:
+            shown = repr(row[0])[:80]
+            log.warning("skipping account %s in store.db: %s; remove it with "
+                        "`codex-lb-trio accounts remove ID` and add it again", shown, exc)
+    return accounts
 
 
 def _select(db: sqlite3.Connection, cipher: _TokenCipher, account_id: str) -> Account:
@@ -356,9 +424,10 @@ class SQLiteAccountStore:
         db_path = home / STORE_FILENAME
         key_path = home / KEY_FILENAME
         try:
+            created = not home.exists()
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not db_path.exists():
-                os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+            _check_data_dir(home, created=created)
+            os.close(_open_private(db_path, os.O_RDWR | os.O_CREAT, "store"))
             key = _load_or_create_key(key_path)
         except OSError as exc:
             raise StoreError(f"cannot use the data dir {home}: {exc.strerror}") from None
@@ -439,6 +508,10 @@ class SQLiteAccountStore:
             except AccountNotFound:
                 self._accounts.pop(account_id, None)  # removed by another process
                 raise
+            except TokenVersionConflict as conflict:
+                if conflict.current is not None:  # another process saved newer tokens
+                    self._accounts[account_id] = conflict.current
+                raise
             self._accounts[account.id] = account
             return account
 
@@ -508,7 +581,7 @@ class SQLiteAccountStore:
                     db.execute(
                         "UPDATE accounts SET chatgpt_user_id = ?, plan = ?, tokens = ?,"
                         " access_expires_at = ?, last_refresh = ?, status = ?,"
-                        " status_reason = '' WHERE id = ?",
+                        " status_reason = '', token_version = token_version + 1 WHERE id = ?",
                         (
                             account.chatgpt_user_id,
                             account.plan,
@@ -523,7 +596,7 @@ class SQLiteAccountStore:
                 if db.execute("SELECT 1 FROM accounts WHERE id = ?", (account.id,)).fetchone():
                     raise StoreError(f"account id {account.id} is already used by another account")
                 db.execute(
-                    f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                    f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                     (
                         account.id,
                         account.email,
@@ -538,6 +611,7 @@ class SQLiteAccountStore:
                         account.cooldown_until,
                         json.dumps(account.usage.to_json()),
                         account.created_at,
+                        1,
                     ),
                 )
                 created = True
@@ -546,11 +620,25 @@ class SQLiteAccountStore:
         stored = await self._write(account.id, write)
         return stored, created
 
-    async def _update(self, account_id: str, assignments: str, values: tuple[Any, ...]) -> Account:
+    async def _update(
+        self, account_id: str, assignments: str, values: tuple[Any, ...],
+        *, expected_version: int | None = None,
+    ) -> Account:
         cipher = self._cipher
 
         def write(db: sqlite3.Connection) -> Account:
             with _write_transaction(db):
+                if expected_version is not None:
+                    row = db.execute(
+                        "SELECT token_version FROM accounts WHERE id = ?", (account_id,)
+                    ).fetchone()
+                    if row is None:
+                        raise AccountNotFound(account_id)
+                    if row[0] > expected_version:
+                        conflict = TokenVersionConflict(
+                            account_id, stored=row[0], expected=expected_version)
+                        conflict.current = _select(db, cipher, account_id)
+                        raise conflict
                 cursor = db.execute(
                     f"UPDATE accounts SET {assignments} WHERE id = ?", (*values, account_id)
                 )
@@ -568,17 +656,28 @@ class SQLiteAccountStore:
         access_expires_at: float | None,
         last_refresh: float,
         plan: str | None = None,
+        expected_version: int | None = None,
     ) -> Account:
-        """Persist a new token triple; it is on disk (fsync'd) when this returns."""
+        """Persist a new token triple; it is on disk (fsync'd) when this returns.
+
+        With ``expected_version``: refused (TokenVersionConflict) if a newer triple is stored.
+        """
         return await self._update(
             account_id,
-            "tokens = ?, access_expires_at = ?, last_refresh = ?, plan = COALESCE(?, plan)",
+            "tokens = ?, access_expires_at = ?, last_refresh = ?, plan = COALESCE(?, plan),"
+            " token_version = token_version + 1",
             (self._cipher.seal(tokens), access_expires_at, last_refresh, plan or None),
+            expected_version=expected_version,
         )
 
-    async def set_status(self, account_id: str, status: AccountStatus, reason: str = "") -> Account:
+    async def set_status(
+        self, account_id: str, status: AccountStatus, reason: str = "",
+        *, expected_version: int | None = None,
+    ) -> Account:
+        """With ``expected_version``: refused (TokenVersionConflict) if a newer triple is stored."""
         return await self._update(
-            account_id, "status = ?, status_reason = ?", (AccountStatus(status).value, reason)
+            account_id, "status = ?, status_reason = ?", (AccountStatus(status).value, reason),
+            expected_version=expected_version,
         )
 
     async def set_cooldown(self, account_id: str, until: float | None) -> Account:
@@ -586,6 +685,46 @@ class SQLiteAccountStore:
 
     async def set_usage(self, account_id: str, usage: Usage) -> Account:
         return await self._update(account_id, "usage = ?", (json.dumps(usage.to_json()),))
+
+    async def merge_usages(
+        self, readings: Mapping[str, Usage], merge: Callable[[Usage, Usage], Usage]
+    ) -> None:
+        """Merge live usage readings into many accounts in one short transaction (one fsync).
+
+        The merge runs inside the transaction on the stored value, so a reading written
+        meanwhile by another writer is never lost to a stale read. Usage is advisory: the
+        batch commits with ``synchronous = NORMAL`` so it does not hold the lock for an
+        fsync that a cooldown write behind it would have to wait out.
+        """
+        cipher = self._cipher
+        batch = dict(readings)
+
+        def write(db: sqlite3.Connection) -> dict[str, Account]:
+            db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                with _write_transaction(db):
+                    for account_id, reading in batch.items():
+                        row = db.execute(
+                            "SELECT usage FROM accounts WHERE id = ?", (account_id,)
+                        ).fetchone()
+                        if row is None:
+                            continue
+                        try:
+                            stored = Usage.from_json(json.loads(row[0] or "{}"))
+                        except (ValueError, TypeError, AttributeError):
+                            stored = Usage()
+                        db.execute(
+                            "UPDATE accounts SET usage = ? WHERE id = ?",
+                            (json.dumps(merge(stored, reading).to_json()), account_id),
+                        )
+                    return {a: _select(db, cipher, a) for a in batch
+                            if db.execute("SELECT 1 FROM accounts WHERE id = ?", (a,)).fetchone()}
+            finally:
+                db.execute("PRAGMA synchronous = FULL")
+
+        async with self._lock:
+            updated = await self._call(write)
+            self._accounts.update(updated)
 
     async def remove(self, account_id: str) -> None:
         def delete(db: sqlite3.Connection) -> int:
