@@ -165,7 +165,7 @@ async def measure(args: argparse.Namespace, transport: str, fake: RemoteFake,
         await run_block(args.concurrency, 1, direct, PathResult())
         await run_block(args.concurrency, 1, proxied, PathResult())
         results = {"direct": PathResult(), "proxy": PathResult()}
-        proxy_cpu = 0.0
+        proxy_cpu = proxy_waited = 0.0
         peak = [0]
         before = (await fake.counters()).get("responses", {})
         for block in range(args.blocks * 2):
@@ -173,14 +173,18 @@ async def measure(args: argparse.Namespace, transport: str, fake: RemoteFake,
             if which == "direct":
                 await run_block(args.concurrency, args.turns, direct, results["direct"])
                 continue
-            cpu = sum(proxy.cpu_seconds())
+            cpu, waited = sum(proxy.cpu_seconds()), proxy.run_queue_seconds()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sample_rss, proxy, peak)
                 await run_block(args.concurrency, args.turns, proxied, results["proxy"])
                 nursery.cancel_scope.cancel()
             proxy_cpu += sum(proxy.cpu_seconds()) - cpu
+            proxy_waited += proxy.run_queue_seconds() - waited
         after = (await fake.counters()).get("responses", {})
     report(args, transport, results, proxy_cpu, idle_kib, peak[0], before, after)
+    print(f"  {transport}: the proxy's main thread waited for a CPU (runnable, not running) "
+          f"{proxy_waited / results['proxy'].wall * 100:.0f}% of its blocks' wall time "
+          "(/proc/<pid>/schedstat: both cores busy with other work)")
 
 
 def report(args: argparse.Namespace, transport: str, results: dict[str, PathResult],

@@ -262,6 +262,11 @@ class ProxyProcess:
         """User and system CPU time the proxy process has used so far (/proc/<pid>/stat)."""
         return _cpu(self.pid)
 
+    def run_queue_seconds(self) -> float:
+        """Time the proxy's main thread spent runnable but waiting for a CPU (schedstat)."""
+        fields = Path(f"/proc/{self.pid}/schedstat").read_text().split()
+        return int(fields[1]) / 1e9
+
     def memory_kib(self) -> dict[str, int]:
         """VmHWM (peak resident set) and VmRSS from /proc/<pid>/status, in KiB."""
         found: dict[str, int] = {}
@@ -587,6 +592,7 @@ class Samples:
     direct: list[StreamTiming] = field(default_factory=list)
     proxy: list[StreamTiming] = field(default_factory=list)
     proxy_cpu: float = 0.0  # proxy process CPU seconds spent during the proxied turns
+    proxy_waited: float = 0.0  # its main thread's run-queue wait during the proxied turns
     wall: dict[str, float] = field(default_factory=lambda: {"direct": 0.0, "proxy": 0.0})
 
 
@@ -604,12 +610,15 @@ async def alternate(
                     for w in (("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"))]
     for which in sequence:
         call = direct_call if which == "direct" else proxy_call
-        cpu = sum(proxy.cpu_seconds()) if proxy is not None and which == "proxy" else 0.0
+        measured = proxy is not None and which == "proxy"
+        cpu = sum(proxy.cpu_seconds()) if measured else 0.0
+        waited = proxy.run_queue_seconds() if measured else 0.0
         started = time.perf_counter()
         getattr(samples, which).append(await call())
         samples.wall[which] += time.perf_counter() - started
-        if proxy is not None and which == "proxy":
+        if measured:
             samples.proxy_cpu += sum(proxy.cpu_seconds()) - cpu
+            samples.proxy_waited += proxy.run_queue_seconds() - waited
 
 
 @dataclass(frozen=True)
@@ -628,6 +637,7 @@ class Row:
     events_per_s_direct: float
     events_per_s_proxy: float
     cpu_per_event: float  # seconds
+    waited_per_turn: float  # seconds the proxy was runnable but not running, per proxied turn
     errors: int
     first_error: str | None
 
@@ -650,6 +660,7 @@ def summarise(samples: Samples, transport: str, deltas: int) -> Row:
         events_per_s_direct=sum(t.events for t in ok_d) / max(samples.wall["direct"], 1e-9),
         events_per_s_proxy=sum(t.events for t in ok_p) / max(samples.wall["proxy"], 1e-9),
         cpu_per_event=samples.proxy_cpu / relayed if relayed else math.nan,
+        waited_per_turn=samples.proxy_waited / max(1, len(samples.proxy)),
         errors=len(errors), first_error=errors[0] if errors else None,
     )
 
@@ -657,16 +668,17 @@ def summarise(samples: Samples, transport: str, deltas: int) -> Row:
 def print_rows(rows: list[Row]) -> None:
     print(f"  {'':4}{'deltas':>7}{'events':>7}{'ttfe direct':>12}{'proxy':>8}{'added p50':>10}"
           f"{'p95':>7}{'total direct':>13}{'proxy':>8}{'events/s direct':>16}{'proxy':>8}"
-          f"{'CPU/event':>10}{'errors':>7}")
+          f"{'CPU/event':>10}{'CPU wait':>9}{'errors':>7}")
     for r in rows:
         cpu = "n/a" if math.isnan(r.cpu_per_event) else f"{r.cpu_per_event * 1e6:.1f} us"
         print(f"  {r.transport:4}{r.deltas:>7}{r.events:>7}{ms(r.direct_ttfe):>12}"
               f"{ms(r.proxy_ttfe):>8}{ms(r.added_p50):>10}{ms(r.added_p95).strip():>7}"
               f"{ms(r.direct_total):>13}{ms(r.proxy_total):>8}{r.events_per_s_direct:>16,.0f}"
-              f"{r.events_per_s_proxy:>8,.0f}{cpu:>10}{r.errors:>7}")
+              f"{r.events_per_s_proxy:>8,.0f}{cpu:>10}{ms(r.waited_per_turn):>9}{r.errors:>7}")
         if r.first_error:
             print(f"       first error: {r.first_error}")
-    print("  times in ms (p50 unless named); added = proxy - direct of the same run")
+    print("  times in ms (p50 unless named); added = proxy - direct of the same run; CPU wait: "
+          "ms per proxied turn the proxy was runnable but not running (/proc/<pid>/schedstat)")
 
 
 def report_targets(rows: list[Row]) -> None:
