@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -93,7 +94,8 @@ async def test_lost_refresh_answer_is_not_replayed_at_once(autojump_clock, caplo
         assert "outcome unknown" in caplog.text
         # Callers keep the still-valid access token; nothing is replayed, forced or not.
         assert (await r.tokens.ensure_fresh("acc_1")).tokens.refresh_token == "rt-acct-1-0"
-        assert (await r.tokens.ensure_fresh("acc_1", force=True)).tokens.access_token == "at-acct-1-0"
+        forced = await r.tokens.ensure_fresh("acc_1", force=True)
+        assert forced.tokens.access_token == "at-acct-1-0"
         assert upstream.presented == ["rt-acct-1-0"]
         assert await r.rotations() == 0
         assert (await r.store.get("acc_1")).status is AccountStatus.ACTIVE
@@ -170,7 +172,8 @@ async def test_concurrent_401s_share_one_forced_refresh(autojump_clock):
         return None
 
     upstream.before["responses"] = [slow_rejection] * 20
-    async with rig([make_account(1)], upstream=upstream) as r:
+    # The 401s are slow on purpose; a hedge (2 s) would add requests this test counts.
+    async with rig([make_account(1)], upstream=upstream, clients={"hedge_after": math.inf}) as r:
         results = []
 
         async def one() -> None:
