@@ -29,6 +29,7 @@ from actors.upstream import (
     SSEEvent,
     SSEParser,
     SSEScanner,
+    TextContent,
     UpstreamFailure,
     classify_response,
     classify_stream_error_event,
@@ -1311,3 +1312,12 @@ def test_decode_event_reads_one_raw_event() -> None:
     assert decode_event(raw) == {"type": "response.completed",
                                  "response": {"usage": {"total_tokens": 3}}}
     assert decode_event(b": comment\n\n") is None
+
+
+@pytest.mark.parametrize("text", ['{"a": "plain"}', '{"a": "é日本 ✓"}', "{}" + " " * 200_000])
+async def test_text_content_sends_the_text_as_utf8_with_its_length(text: str) -> None:
+    content = TextContent.of(text)
+    for _ in range(2):  # re-iterable: a hedge or a retry sends it again
+        sent = b"".join([piece async for piece in content])
+        assert sent == text.encode()
+        assert content.headers == {"content-length": str(len(sent))}
