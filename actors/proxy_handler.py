@@ -23,11 +23,10 @@ After the first byte nothing is replayed: failures end the stream with a termina
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,12 +66,14 @@ from actors.upstream import (
     JsonContent,
     SSEEvent,
     SSEParser,
+    SSEScanner,
+    TextContent,
     classify_response,
     classify_stream_error_event,
+    decode_event,
     encode_sse,
     failed_event,
     merge_usage,
-    parse_event_json,
     upstream_headers,
     usage_from_headers,
     usage_from_rate_limits_event,
@@ -92,10 +93,12 @@ log = logging.getLogger("codex_lb_trio.proxy")
 
 INBOX_SIZE = 256
 USAGE_FLUSH_BOUND = 5.0  # shielded ceiling on writing pending usage when the actor stops
-EVENT_BUFFER = 8  # events queued towards the client before the upstream read waits
+CHUNK_BUFFER = 8  # chunks queued towards the client before the upstream read waits
 HOLD_EVENTS = 8  # at most this many opening events are held back before committing
 MAX_ERROR_BODY = 1024 * 1024
 PREAMBLE_TYPES = frozenset({"response.created", "response.in_progress"})
+NEEDS_JSON = frozenset({"codex.rate_limits", *TERMINAL_EVENT_TYPES})  # all others pass unread
+DRAIN_AFTER_TERMINAL = 5.0  # seconds to read (and drop) what follows a terminal event
 RESPONSE_HEADER_DROP = frozenset(
     {"content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive",
      "set-cookie", "date", "server", "alt-svc", "strict-transport-security"}
@@ -125,12 +128,17 @@ class ProxySettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProxyRequest:
-    """What a route hands the proxy: an upstream path under base_url and its payload."""
+    """What a route hands the proxy: an upstream path under base_url and its payload.
+
+    ``body`` is the parsed JSON, for reading; ``raw_body``, when given, is the JSON text the
+    client sent for that same body, and goes upstream as it came (no re-serialising).
+    """
 
     path: str
     method: str = "POST"
     headers: tuple[tuple[str, str], ...] = ()
     body: dict[str, Any] | None = None
+    raw_body: str | None = None
     query: tuple[tuple[str, str], ...] = ()
     stream: bool = True
     sticky_key: str | None = None
@@ -147,7 +155,7 @@ class Exchange:
     status: int
     headers: dict[str, str]
     account_id: str
-    events: trio.MemoryReceiveChannel[SSEEvent] | None = None
+    events: EventStream | None = None
     body: bytes = b""
 
 
@@ -392,7 +400,7 @@ class ProxyHandler:
         reply: trio.MemorySendChannel[Any],
     ) -> None:
         fresh = await self._fresh_tokens(account_id, attempt)
-        content = await JsonContent.build(request.body) if request.body is not None else None
+        content = await _content(request)
         async with self._clients.lease() as lease, Hedge(self._clients, lease) as hedge:
             def build(held: Lease) -> httpx.Request:
                 return held.client.build_request(
@@ -403,7 +411,8 @@ class ProxyHandler:
                         request.headers, access_token=fresh.tokens.access_token,
                         chatgpt_account_id=fresh.account.chatgpt_account_id,
                     ) | (content.headers if content is not None else {}),
-                    # JSON content is re-iterable (a hedge sends it again); an upload is not.
+                    # JSON and text content are re-iterable (a hedge sends them again); an
+                    # upload is not.
                     content=request.content if request.content is not None else content,
                 )
             try:  # a streamed call whose headers are late gets one hedge (actors/hedge.py)
@@ -742,103 +751,249 @@ class ProxyHandler:
     async def _relay(
         self, response: httpx.Response, lease: Lease, account_id: str, attempt: _Attempt,
         headers: dict[str, str], reply: trio.MemorySendChannel[Any],
-    ) -> None:
-        events_send, events_recv = trio.open_memory_channel[SSEEvent](EVENT_BUFFER)
-        chunk_send, chunk_recv = trio.open_memory_channel[bytes](0)
-        errors: list[CodexLBError] = []
-        held: list[SSEEvent] = []
-        state = {"committed": False, "terminal": False, "client_gone": False}
-        early_failure: list[Any] = []
+    ) -> StreamOutcome:
+        """Pass a 200 stream's bytes to the client; answers what the stream did.
 
-        async def pump() -> None:
-            with chunk_send:
+        ``lease.pump`` reads the body (its deadlines end silent streams) straight into a
+        ``_StreamRelay``, which scans each chunk and forwards it whole: one channel hop and
+        one client write per upstream read. Before the commit the bytes are held back.
+        """
+        out_send, out_recv = trio.open_memory_channel[bytes](CHUNK_BUFFER)
+        with out_send:
+            sink = _StreamRelay(self, account_id, out_send,
+                                commit=lambda: self._commit(reply, headers, account_id, out_recv))
+            errors: list[CodexLBError] = []
+            with sink.stop:
                 try:
-                    await lease.pump(response, chunk_send)
+                    await lease.pump(response, sink)  # type: ignore[arg-type]  # has send()
                 except Exception as exc:  # any fault ends this stream, never the actor
                     errors.append(classify(exc, phase=Phase.BODY, generation=lease.generation))
+            return await self._end_stream(sink, errors, lease, account_id, attempt)
 
-        async def deliver(event: SSEEvent) -> None:
-            await events_send.send(event)
-
-        async def consume(nursery: trio.Nursery) -> None:
-            parser = SSEParser()
-            async for chunk in chunk_recv:
-                for event in parser.feed(chunk):
-                    payload = parse_event_json(event)
-                    kind = (payload or {}).get("type") or event.event
-                    if payload is not None and kind == "codex.rate_limits":
-                        usage = usage_from_rate_limits_event(payload, self._wall_clock())
-                        if usage is not None:
-                            self._note_usage(account_id, usage)
-                    if state["terminal"]:
-                        continue  # nothing follows a terminal event
-                    if kind in TERMINAL_EVENT_TYPES:
-                        state["terminal"] = True
-                    if state["committed"]:
-                        await deliver(event)
-                        continue
-                    failure = (classify_stream_error_event(payload, self._wall_clock())
-                               if payload is not None else None)
-                    if failure is not None:
-                        early_failure.append(failure)
-                        return
-                    held.append(event)
-                    if kind in PREAMBLE_TYPES and len(held) < HOLD_EVENTS:
-                        continue
-                    self._commit(reply, headers, account_id, events_recv)
-                    state["committed"] = True
-                    for early in held:
-                        await deliver(early)
-                    held.clear()
-
-        with events_send:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump)
-                try:
-                    await consume(nursery)
-                except EventTooLarge as exc:
-                    errors.append(InvalidResponse(str(exc)))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    state["client_gone"] = True
-                except Exception as exc:  # our own bug: this stream ends, with its terminal event
-                    self.faults["internal"] += 1
-                    log.error("proxy account=%s relay failed generation=%d", account_id,
-                              lease.generation, exc_info=exc)
-                    errors.append(UnexpectedError(f"internal error: {type(exc).__name__}"))
-                finally:
-                    chunk_recv.close()
-                    nursery.cancel_scope.cancel()
-            if state["client_gone"]:
-                self.counters["client_disconnects"] += 1
-                return  # the client went away; the lease and response close behind us
-            if early_failure:
-                await self._on_failure(early_failure[0], account_id, attempt)
-            if not state["committed"]:
-                if errors or not held:
-                    attempt.last_error = errors[0] if errors else InvalidResponse(
-                        "upstream stream ended before any event")
-                    attempt.tried.add(account_id)
-                    raise _Failover
-                self._commit(reply, headers, account_id, events_recv)
-                for early in held:
-                    await _send_quietly(events_send, early)
-            if not state["terminal"]:  # an unclean close after a terminal event adds nothing
-                err = errors[0] if errors else None
-                code = "upstream_connection_lost" if isinstance(err, TransportError) else "upstream_error"
-                text = err.message if err else "upstream stream ended without a terminal event"
-                self.counters["streams_failed"] += 1
-                log.info("proxy account=%s stream ended early generation=%d: %s",
-                         account_id, lease.generation, text)
-                await _send_quietly(events_send, _sse(failed_event(code, f"upstream stream failed: {text}")))
+    async def _end_stream(
+        self, sink: _StreamRelay, errors: list[CodexLBError], lease: Lease, account_id: str,
+        attempt: _Attempt,
+    ) -> StreamOutcome:
+        """After the pump: fail over, commit what was held, or end the stream properly."""
+        outcome = sink.outcome
+        if sink.client_gone:
+            self.counters["client_disconnects"] += 1
+            return outcome  # the client went away; the lease and response close behind us
+        if sink.early_failure is not None:
+            await self._on_failure(sink.early_failure, account_id, attempt)
+        if sink.error is not None:
+            errors.append(sink.error)
+        if sink.bug is not None:  # our own bug: this stream ends, with its terminal event
+            self.faults["internal"] += 1
+            log.error("proxy account=%s relay failed generation=%d", account_id,
+                      lease.generation, exc_info=sink.bug)
+            errors.append(UnexpectedError(f"internal error: {type(sink.bug).__name__}"))
+        if outcome.terminal is not None:
+            if errors:  # the stream was complete: what broke after it is not the client's
+                log.debug("proxy account=%s after the terminal event: %s", account_id, errors[0])
+            return outcome
+        if not sink.committed:
+            if errors or not outcome.events:
+                attempt.last_error = errors[0] if errors else InvalidResponse(
+                    "upstream stream ended before any event")
+                attempt.tried.add(account_id)
+                raise _Failover
+            sink.commit_now()
+            await sink.send_held()
+        err = errors[0] if errors else None
+        code = "upstream_connection_lost" if isinstance(err, TransportError) else "upstream_error"
+        text = err.message if err else "upstream stream ended without a terminal event"
+        self.counters["streams_failed"] += 1
+        log.info("proxy account=%s stream ended early generation=%d: %s",
+                 account_id, lease.generation, text)
+        await sink.send_quietly(encode_sse(
+            "response.failed", failed_event(code, f"upstream stream failed: {text}")))
+        outcome.terminal = "response.failed"
+        return outcome
 
     def _commit(
         self, reply: trio.MemorySendChannel[Any], headers: dict[str, str], account_id: str,
-        events_recv: trio.MemoryReceiveChannel[SSEEvent],
+        chunks_recv: trio.MemoryReceiveChannel[bytes],
     ) -> None:
         self.counters["streams"] += 1
         if not answer(reply, Exchange(status=200, headers=headers, account_id=account_id,
-                                      events=events_recv)):
-            events_recv.close()  # the caller gave up before we answered
+                                      events=EventStream(chunks_recv))):
+            chunks_recv.close()  # the caller gave up before we answered
+
+
+@dataclass(slots=True)
+class StreamOutcome:
+    """What one relayed stream did: for logs, and the request log's terminal usage."""
+
+    events: int = 0
+    first_byte_at: float | None = None  # trio clock: the first bytes went to the client
+    terminal: str | None = None  # the terminal event's type, ours included
+    usage: dict[str, Any] | None = None  # the terminal response's ``usage``, if it had one
+
+
+class _StreamRelay:
+    """The sink ``Lease.pump`` writes upstream chunks into (it only calls ``send``).
+
+    Each chunk is scanned (SSEScanner) for whole events and their types; JSON is decoded
+    only for the types the proxy reads (NEEDS_JSON). Until the commit, events are held
+    back, so that a rate-limit ``response.failed`` can still fail over; a non-preamble
+    event (or HOLD_EVENTS of them) commits. Nothing follows a terminal event: its chunk is
+    cut after it, the client's stream ends, and the rest of the body is read and dropped
+    (at most DRAIN_AFTER_TERMINAL) so that the upstream connection stays reusable.
+    Stopping early (a failure to fail over on, a broken event, the client gone) cancels
+    ``stop``, which ends the pump.
+    """
+
+    def __init__(self, handler: ProxyHandler, account_id: str,
+                 out_send: trio.MemorySendChannel[bytes], *, commit: Callable[[], None]) -> None:
+        self._handler = handler
+        self._account_id = account_id
+        self._out_send = out_send
+        self.stop = self._stop = trio.CancelScope()
+        self._commit = commit
+        self._scanner = SSEScanner()
+        self.outcome = StreamOutcome()
+        self.held: list[bytes] = []
+        self.committed = False
+        self.client_gone = False
+        self.early_failure: Any = None
+        self.error: CodexLBError | None = None
+        self.bug: Exception | None = None
+
+    def commit_now(self) -> None:
+        self.committed = True
+        self._commit()
+
+    async def send_held(self) -> None:
+        held, self.held = b"".join(self.held), []
+        await self.send_quietly(held)
+
+    async def send_quietly(self, data: bytes) -> None:
+        """Send unless the client is gone (the end of a stream that already failed)."""
+        if not data:
+            return
+        try:
+            await self._out_send.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.client_gone = True
+
+    async def send(self, chunk: bytes) -> None:
+        try:
+            await self._pass_on(chunk)
+        except Exception as exc:  # a bug of ours: caught here, not taken for a transport error
+            self.bug = exc
+            self._stop.cancel()
+
+    async def _pass_on(self, chunk: bytes) -> None:
+        outcome = self.outcome
+        if outcome.terminal is not None:
+            return  # draining after the terminal event
+        try:
+            complete, marks = self._scanner.feed(chunk)
+        except EventTooLarge as exc:
+            self.error = InvalidResponse(str(exc))
+            self._stop.cancel()
+            return
+        cut = len(complete)
+        begin = 0
+        for end, kind in marks:
+            outcome.events += 1
+            payload = None
+            if kind in NEEDS_JSON:
+                payload = decode_event(complete[begin:end])
+                if payload is not None:
+                    self._read(kind, payload)
+            begin = end
+            if not self.committed:
+                if payload is not None and (failure := classify_stream_error_event(
+                        payload, self._handler._wall_clock())) is not None:
+                    self.early_failure = failure
+                    self._stop.cancel()
+                    return
+                if kind not in PREAMBLE_TYPES or outcome.events >= HOLD_EVENTS:
+                    self.commit_now()
+            if kind in TERMINAL_EVENT_TYPES:
+                outcome.terminal = kind
+                cut = end
+                break
+        if not self.committed:
+            self.held.append(complete)
+            return
+        if self.held:
+            complete = b"".join((*self.held, complete[:cut]))
+            self.held.clear()
+        elif cut < len(complete):
+            complete = complete[:cut]
+        if complete:
+            try:
+                await self._out_send.send(complete)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.client_gone = True
+                self._stop.cancel()
+                return
+            if outcome.first_byte_at is None:
+                outcome.first_byte_at = trio.current_time()
+        if outcome.terminal is not None:
+            self._out_send.close()  # the client's stream is complete
+            self._stop.deadline = min(self._stop.deadline,
+                                      trio.current_time() + DRAIN_AFTER_TERMINAL)
+
+    def _read(self, kind: str | None, payload: dict[str, Any]) -> None:
+        if kind == "codex.rate_limits":
+            usage = usage_from_rate_limits_event(payload, self._handler._wall_clock())
+            if usage is not None:
+                self._handler._note_usage(self._account_id, usage)
+        elif kind in TERMINAL_EVENT_TYPES:
+            response = payload.get("response")
+            usage = response.get("usage") if isinstance(response, dict) else None
+            self.outcome.usage = usage if isinstance(usage, dict) else None
+
+
+class EventStream:
+    """A streamed Exchange's body: whole SSE events, as the upstream's bytes, chunk by chunk.
+
+    ``chunks`` is what a pass-through route writes out unchanged. Iterating the stream
+    itself parses it into SSEEvents, for the routes that translate events. Close it (or
+    use it as a context manager) when done.
+    """
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes]) -> None:
+        self.chunks = chunks
+
+    def close(self) -> None:
+        self.chunks.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.chunks.close()
+
+    def __aiter__(self) -> _ParsedEvents:
+        return _ParsedEvents(self.chunks)
+
+
+class _ParsedEvents:
+    __slots__ = ("_chunks", "_parser", "_pending")
+
+    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._chunks = chunks
+        self._parser = SSEParser()
+        self._pending: deque[SSEEvent] = deque()
+
+    def __aiter__(self) -> _ParsedEvents:
+        return self
+
+    async def __anext__(self) -> SSEEvent:
+        while not self._pending:
+            try:
+                chunk = await self._chunks.receive()
+            except trio.EndOfChannel:
+                raise StopAsyncIteration from None
+            self._pending.extend(self._parser.feed(chunk))
+        return self._pending.popleft()
 
 
 class PassThrough(CodexLBError):
@@ -894,16 +1049,10 @@ def _prefer_last(attempt: _Attempt, exc: CodexLBError) -> bool:
     return attempt.last_error is not None and not isinstance(exc, RateLimited)
 
 
-def _sse(payload: dict[str, Any]) -> SSEEvent:
-    return SSEEvent(event=payload["type"], data=json.dumps(payload),
-                    raw=encode_sse(payload["type"], payload))
-
-
-async def _send_quietly(channel: trio.MemorySendChannel[SSEEvent], event: SSEEvent) -> None:
-    try:
-        await channel.send(event)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+async def _content(request: ProxyRequest) -> TextContent | JsonContent | None:
+    if request.raw_body is not None:
+        return TextContent.of(request.raw_body)  # what the client sent, not re-encoded
+    return await JsonContent.build(request.body) if request.body is not None else None
 
 
 async def _read_bounded(response: httpx.Response, lease: Lease) -> bytes:

@@ -247,6 +247,33 @@ class JsonContent:
             yield "".join(batch).encode("ascii")
 
 
+@dataclass(frozen=True, slots=True)
+class TextContent:
+    """The JSON text a client sent, forwarded as it came: UTF-8, in slices, with its length.
+
+    The body reader keeps the request's text (service/body.py), so forwarding it costs no
+    re-serialising and no extra whole copy: each slice is encoded only when it is sent.
+    """
+
+    text: str
+    length: int
+
+    @classmethod
+    def of(cls, text: str) -> TextContent:
+        if text.isascii():
+            return cls(text, len(text))
+        slices = range(0, len(text), JSON_SLICE)
+        return cls(text, sum(len(text[i : i + JSON_SLICE].encode()) for i in slices))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"content-length": str(self.length)}
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.text), JSON_SLICE):
+            yield self.text[start : start + JSON_SLICE].encode()
+
+
 # --- server-sent events ------------------------------------------------------------------
 
 
@@ -357,6 +384,91 @@ class SSEParser:
         event = SSEEvent(event=self._event, data="\n".join(self._data), raw=raw)
         self._reset_block()
         return event
+
+
+_TYPE_FIELD = re.compile(rb'"type"\s*:\s*"([^"\\]{1,200})"')
+
+
+class SSEScanner:
+    """Where SSE events end and what type they are, without decoding them: the relay's path.
+
+    ``feed(chunk)`` answers the bytes that complete whole events, unchanged (the relay passes
+    them on as they are and keeps an unfinished event back), and for each event in them its
+    end offset in those bytes and its type: the ``event:`` line, else the first
+    ``"type": "…"`` of its data. Blank lines between events ride along unmarked. The
+    upstream ends lines with ``\\n``; a ``\\r`` (legal SSE) hands the rest of the stream to
+    SSEParser, which knows every line end. Raises EventTooLarge like SSEParser.
+    """
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max_event_bytes = max_event_bytes
+        self._tail = bytearray()  # an unfinished event
+        self._parser: SSEParser | None = None
+
+    @property
+    def buffered(self) -> int:
+        return self._parser.buffered if self._parser is not None else len(self._tail)
+
+    def feed(self, chunk: bytes) -> tuple[bytes, list[tuple[int, str | None]]]:
+        if self._parser is None and b"\r" in chunk:
+            self._parser = SSEParser(self._max_event_bytes)
+            chunk, self._tail = bytes(self._tail) + chunk, bytearray()
+        if self._parser is not None:
+            return self._feed_parser(chunk)
+        tail = self._tail
+        buf: bytes | bytearray = chunk
+        search = 0
+        if tail:
+            search = len(tail) - 1  # the tail may end with the first "\n" of a boundary
+            tail += chunk
+            buf = tail
+        marks: list[tuple[int, str | None]] = []
+        start = 0
+        while (cut := buf.find(b"\n\n", search)) >= 0:
+            end = cut + 2
+            if buf[start] != 0x0A or buf[start:cut].strip(b"\n"):  # not just blank lines
+                marks.append((end, _block_type(buf, start, end)))
+            start = search = end
+        if buf is tail:
+            complete = bytes(tail[:start])
+            del tail[:start]
+        elif start == len(chunk):
+            complete = chunk
+        else:
+            complete = chunk[:start]
+            tail += chunk[start:]
+        if len(self._tail) > self._max_event_bytes:
+            raise EventTooLarge(f"an SSE event exceeded {self._max_event_bytes} bytes")
+        return complete, marks
+
+    def _feed_parser(self, chunk: bytes) -> tuple[bytes, list[tuple[int, str | None]]]:
+        assert self._parser is not None
+        events = self._parser.feed(chunk)
+        marks: list[tuple[int, str | None]] = []
+        end = 0
+        for event in events:
+            end += len(event.raw)
+            marks.append((end, event.event or _block_type(event.raw, 0, len(event.raw))))
+        return b"".join(event.raw for event in events), marks
+
+
+def _block_type(buf: bytes | bytearray, start: int, end: int) -> str | None:
+    while buf[start] == 0x0A:  # stray blank lines before the block
+        start += 1
+    if buf.startswith(b"event:", start):
+        line_end = buf.find(b"\n", start)
+        name = bytes(buf[start + 6 : line_end]).strip()
+        if name:
+            return name.decode("utf-8", "replace")
+    match = _TYPE_FIELD.search(buf, start, end)
+    return match.group(1).decode("utf-8", "replace") if match is not None else None
+
+
+def decode_event(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object of one whole SSE event's bytes (see parse_event_json)."""
+    parser = SSEParser()
+    events = parser.feed(raw) or parser.flush()
+    return parse_event_json(events[-1]) if events else None
 
 
 def encode_sse(event_type: str, data: Mapping[str, Any]) -> bytes:

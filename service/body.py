@@ -253,6 +253,12 @@ class BodyReader:
 
         ``optional`` also lets an empty body come without a Content-Type (``curl -X POST``).
         """
+        return (await self.json_with_text(optional=optional))[0]
+
+    async def json_with_text(
+        self, *, optional: bool = False
+    ) -> tuple[dict[str, Any] | None, str]:
+        """``json_object``, and the text it was parsed from (to forward it unchanged)."""
         content_type = request.headers.get("content-type", "")
         if not is_json_content_type(content_type) and not (optional and not content_type):
             raise ClientError(
@@ -263,7 +269,7 @@ class BodyReader:
             text = await self._read_text(slot)
             if not text or text.isspace():
                 if optional:
-                    return None
+                    return None, text
                 raise ClientError("request body is not valid JSON: the body is empty")
             if not content_type:
                 raise ClientError("expected Content-Type: application/json, got none",
@@ -274,10 +280,9 @@ class BodyReader:
                 # A big parse runs in a thread, with a Python hook per object so the GIL is
                 # handed back every few ms: /health and other streams keep moving meanwhile.
                 body = await trio.to_thread.run_sync(_parse, text, True)
-            del text
         if not isinstance(body, dict):
             raise ClientError("request body must be a JSON object")
-        return body
+        return body, text
 
 
 class _Slot:

@@ -57,6 +57,14 @@ async def json_body(*, optional: bool = False) -> dict[str, Any] | None:
     return await reader.json_object(optional=optional)
 
 
+async def json_body_and_text() -> tuple[dict[str, Any], str]:
+    """The JSON object and the text it came as (forwarded as is when the route changes nothing)."""
+    reader: BodyReader = current_app.config["BODY_READER"]
+    body, text = await reader.json_with_text()
+    assert body is not None  # not optional: an empty body is the client's 400
+    return body, text
+
+
 def stream_flag(body: dict[str, Any]) -> bool:
     """``stream`` must be a JSON boolean: ``"false"`` is a string, and strings are truthy."""
     value = body.get("stream", False)
@@ -81,19 +89,30 @@ def checked_headers(items: Any) -> tuple[tuple[str, str], ...]:
 
 
 def sse_response(exchange: Exchange) -> Response:
-    """Relay an exchange's events byte for byte."""
+    """Relay an exchange's stream byte for byte: each chunk as it comes, one write each."""
     assert exchange.events is not None
-    events = exchange.events
+    chunks = exchange.events.chunks
 
     async def body() -> AsyncIterator[bytes]:
-        with events:
-            async for event in events:
-                yield event.raw
+        with chunks:
+            async for chunk in chunks:
+                yield _with_waiting(chunk, chunks)
 
     response = Response(body(), status=exchange.status, content_type="text/event-stream",
                         headers=SSE_HEADERS)
     response.timeout = None
     return response
+
+
+def _with_waiting(chunk: bytes, chunks: trio.MemoryReceiveChannel[bytes]) -> bytes:
+    """``chunk`` and whatever else is already queued: one write when the client falls behind."""
+    more: list[bytes] = []
+    while True:
+        try:
+            more.append(chunks.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return b"".join((chunk, *more)) if more else chunk
 
 
 async def collect_final_response(exchange: Exchange) -> dict[str, Any]:
@@ -249,11 +268,11 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
     proxy = engine.proxy
 
     async def forward_codex(path: str, *, stream: bool, header_timeout: float | None = None) -> Exchange:
-        body = await json_body()
+        body, raw = await json_body_and_text()
         stream_flag(body)
         headers = client_headers()
         return await proxy.forward(ProxyRequest(
-            path=path, headers=headers, body=body, stream=stream,
+            path=path, headers=headers, body=body, raw_body=raw, stream=stream,
             sticky_key=sticky_key(dict(headers), body), header_timeout=header_timeout,
         ), timeout=(header_timeout or 0) + 300.0)
 

@@ -28,9 +28,12 @@ from actors.upstream import (
     InvalidPayload,
     SSEEvent,
     SSEParser,
+    SSEScanner,
+    TextContent,
     UpstreamFailure,
     classify_response,
     classify_stream_error_event,
+    decode_event,
     encode_sse,
     error_code,
     failed_event,
@@ -1226,3 +1229,95 @@ def test_input_errors_fit_the_error_tree() -> None:
         }
     }
     assert isinstance(errors.classify(EventTooLarge("big")), errors.InvalidResponse)
+
+
+# --- the relay's scanner -------------------------------------------------------------------
+
+CODEX_STREAM = (
+    b'event: response.created\ndata: {"type":"response.created","response":{}}\n\n'
+    b'data: {"type":"response.output_text.delta","delta":"a \\"type\\": \\"x\\""}\n\n\n\n'
+    b": keep-alive\n\n"
+    b'event: codex.rate_limits\ndata: {"type":"codex.rate_limits"}\n\n'
+    b'event: response.completed\ndata: {"type":"response.completed"}\n\n'
+)
+
+
+def scan_all(chunks: list[bytes]) -> tuple[bytes, list[tuple[int, str | None]], int]:
+    scanner = SSEScanner()
+    passed, marks = b"", []
+    for chunk in chunks:
+        complete, found = scanner.feed(chunk)
+        marks += [(len(passed) + end, kind) for end, kind in found]
+        passed += complete
+    return passed, marks, scanner.buffered
+
+
+def expected_marks(stream: bytes) -> list[tuple[int, str | None]]:
+    """What SSEParser says: each event's end offset and its type (payload first)."""
+    marks, end = [], 0
+    for event in SSEParser().feed(stream):
+        end += len(event.raw)
+        payload = parse_event_json(event)
+        marks.append((end, event.event or (payload or {}).get("type")))
+    return marks
+
+
+def test_sse_scanner_passes_whole_events_unchanged_with_their_types() -> None:
+    passed, marks, buffered = scan_all([CODEX_STREAM])
+    assert passed == CODEX_STREAM
+    assert buffered == 0
+    assert [kind for _, kind in marks] == [
+        "response.created", "response.output_text.delta", None, "codex.rate_limits",
+        "response.completed"]
+    assert marks == expected_marks(CODEX_STREAM)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_sse_scanner_random_splits_hold_back_only_an_unfinished_event(seed: int) -> None:
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(CODEX_STREAM)), rng.randint(1, 40)))
+    bounds = zip([0, *cuts], [*cuts, len(CODEX_STREAM)], strict=True)
+    scanner = SSEScanner()
+    passed = b""
+    for a, b in bounds:
+        complete, _ = scanner.feed(CODEX_STREAM[a:b])
+        passed += complete
+        # Never a partial event on the wire: what passed ends where an event ends.
+        assert passed == b"" or passed.endswith(b"\n\n")
+        assert len(passed) + scanner.buffered == b
+    assert scan_all([CODEX_STREAM[a:b] for a, b in zip([0, *cuts], [*cuts, len(CODEX_STREAM)],
+                                                       strict=True)]) == scan_all([CODEX_STREAM])
+
+
+def test_sse_scanner_hands_carriage_returns_to_the_parser() -> None:
+    stream = CODEX_STREAM.replace(b"\n", b"\r\n")
+    passed, marks, buffered = scan_all([CODEX_STREAM[:40], stream])
+    assert buffered == 0
+    assert passed == CODEX_STREAM[:40] + stream
+    assert [kind for _, kind in marks][-2:] == ["codex.rate_limits", "response.completed"]
+    whole, whole_marks, _ = scan_all([stream])
+    assert whole == stream
+    assert whole_marks == expected_marks(stream)
+
+
+def test_sse_scanner_event_too_large() -> None:
+    scanner = SSEScanner(max_event_bytes=64)
+    assert scanner.feed(b"data: " + b"x" * 40) == (b"", [])
+    with pytest.raises(EventTooLarge):
+        scanner.feed(b"x" * 40)
+
+
+def test_decode_event_reads_one_raw_event() -> None:
+    raw = b'event: response.completed\ndata: {"response": {"usage": {"total_tokens": 3}}}\n\n'
+    assert decode_event(raw) == {"type": "response.completed",
+                                 "response": {"usage": {"total_tokens": 3}}}
+    assert decode_event(b": comment\n\n") is None
+
+
+@pytest.mark.parametrize("text", ['{"a": "plain"}', '{"a": "é日本 ✓"}', "{}" + " " * 200_000])
+async def test_text_content_sends_the_text_as_utf8_with_its_length(text: str) -> None:
+    content = TextContent.of(text)
+    for _ in range(2):  # re-iterable: a hedge or a retry sends it again
+        sent = b"".join([piece async for piece in content])
+        assert sent == text.encode()
+        assert content.headers == {"content-length": str(len(sent))}
