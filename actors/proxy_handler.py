@@ -55,6 +55,7 @@ from actors.errors import (
 )
 from actors.messages import RotationReason, answer, call, close_inbox
 from actors.proxy_websocket import WebSocketSession
+from actors.request_record import RecordSink, RequestStats, Surface, client_label
 from actors.token_refresher import TokenHandle
 from actors.upstream import (
     TERMINAL_EVENT_TYPES,
@@ -117,6 +118,7 @@ class ProxyRequest:
     query: tuple[tuple[str, str], ...] = ()
     stream: bool = True
     sticky_key: str | None = None
+    surface: str = ""  # for the request log; "" derives it from the path
 
 
 @dataclass(slots=True, kw_only=True)
@@ -159,6 +161,7 @@ class _Attempt:
     refreshed: set[str] = field(default_factory=set)
     transport_retried: set[str] = field(default_factory=set)
     last_error: CodexLBError | None = None
+    stats: RequestStats | None = None  # what the request log will get
 
 
 class _Failover(Exception):
@@ -209,8 +212,10 @@ class ProxyHandler:
         tokens: TokenHandle,
         settings: ProxySettings | None = None,
         wall_clock: Callable[[], float] = time.time,
+        on_record: RecordSink | None = None,
     ) -> None:
         self._store = store
+        self._on_record = on_record  # sync, non-blocking: one RequestRecord per request
         self._clients = clients
         self._tokens = tokens
         self.settings = settings or ProxySettings()
@@ -251,41 +256,69 @@ class ProxyHandler:
 
     async def _serve(self, message: Forward) -> None:
         request, reply = message.request, message.reply
+        stats = self._new_stats(request)
         with reply:
-            await self._with_failover(
-                request, reply,
-                lambda account_id, attempt: self._attempt(request, account_id, attempt, reply),
-            )
+            try:
+                await self._with_failover(
+                    request, reply,
+                    lambda account_id, attempt: self._attempt(request, account_id, attempt, reply),
+                    stats=stats,
+                )
+            finally:
+                self._emit(stats)
+
+    def _new_stats(self, request: ProxyRequest) -> RequestStats:
+        body = request.body or {}
+        return RequestStats(
+            surface=request.surface or _surface_for(request.path), started_wall=self._wall_clock(),
+            started=trio.current_time(), model=str(body.get("model") or ""),
+            client=client_label(request.sticky_key))
+
+    def _emit(self, stats: RequestStats) -> None:
+        """Hand the finished request to the log sink; a sink's fault never reaches a request."""
+        if self._on_record is None:
+            return
+        try:
+            self._on_record(stats.record(trio.current_time()))
+        except Exception as exc:
+            log.warning("request log sink failed request_id=%s: %s", stats.request_id, exc)
 
     async def _with_failover(
         self, request: ProxyRequest, reply: trio.MemorySendChannel[Any],
         try_account: Callable[[str, _Attempt], Awaitable[Any]],
+        stats: RequestStats | None = None,
     ) -> Any:
         """Run ``try_account`` on chosen accounts until one attempt does not fail over.
 
         Returns that attempt's result; or answers the caller with the final error and
         returns None.
         """
-        attempt = _Attempt()
+        attempt = _Attempt(stats=stats)
         for _ in range(self.settings.max_attempts + 1):  # +1: the rotation retry is free
             try:
                 account_id = await self._pick(request, attempt)
             except CodexLBError as exc:
-                answer(reply, attempt.last_error if _prefer_last(attempt, exc) else exc)
+                answer(reply, _noted(attempt, attempt.last_error if _prefer_last(attempt, exc)
+                                     else exc))
                 return None
             self._in_flight[account_id] += 1
+            if stats is not None:
+                stats.account_id = account_id
+                stats.attempts += 1
             try:
                 result = await try_account(account_id, attempt)
                 return True if result is None else result
             except _Failover:
                 self.counters["failovers"] += 1
+                if stats is not None:
+                    stats.failovers += 1
             except CodexLBError as exc:
-                answer(reply, exc)
+                answer(reply, _noted(attempt, exc))
                 return None
             finally:
                 self._in_flight[account_id] -= 1
-        answer(reply, attempt.last_error or ServerError(
-            "no upstream attempt succeeded", status=502, code="upstream_unavailable"))
+        answer(reply, _noted(attempt, attempt.last_error or ServerError(
+            "no upstream attempt succeeded", status=502, code="upstream_unavailable")))
         return None
 
     async def _pick(self, request: ProxyRequest, attempt: _Attempt) -> str:
@@ -326,6 +359,8 @@ class ProxyHandler:
             attempt.last_error = exc
             raise _Failover from None
         async with self._clients.lease() as lease:
+            if attempt.stats is not None:
+                attempt.stats.generation = lease.generation
             http_request = lease.client.build_request(
                 request.method,
                 self.settings.base_url.rstrip("/") + request.path,
@@ -353,6 +388,9 @@ class ProxyHandler:
                            if k.lower() not in RESPONSE_HEADER_DROP}
                 if not request.stream:
                     body = await _read_bounded(response, lease)
+                    if attempt.stats is not None:
+                        attempt.stats.status = response.status_code
+                        attempt.stats.mark_first_event(trio.current_time())
                     answer(reply, Exchange(status=response.status_code, headers=headers,
                                            account_id=account_id, body=body))
                     return
@@ -400,6 +438,8 @@ class ProxyHandler:
             until = failure.resets_at or now + self.settings.default_cooldown
             await self._store.set_cooldown(account_id, until)
             self._sticky.forget_account(account_id)
+            if attempt.stats is not None:
+                attempt.stats.cooldowns.append(account_id)
             attempt.tried.add(account_id)
             cls = RateLimited if kind == "rate_limited" else QuotaExceeded
             attempt.last_error = (RateLimited(message, status=429, code=code, resets_at=until)
@@ -460,7 +500,12 @@ class ProxyHandler:
                 done = await self._websocket_attempt(request, account_id, attempt, reply, relay, session)
                 return "done" if done else "use-http"
 
-            if await self._with_failover(request, reply, try_account) != "use-http":
+            stats = self._new_stats(request)
+            stats.surface = Surface.CODEX_WEBSOCKET
+            outcome = await self._with_failover(request, reply, try_account, stats=stats)
+            if outcome is None:
+                self._emit(stats)  # the session never opened: log the refusal (turns log themselves)
+            if outcome != "use-http":
                 return
             # The upstream does not speak websockets: serve the turns over HTTP SSE.
             self.counters["websocket_http_fallbacks"] += 1
@@ -527,7 +572,7 @@ class ProxyHandler:
         """One fallback turn, served like any POST /codex/responses."""
         reply_send, reply_recv = trio.open_memory_channel[Any](1)
         turn = ProxyRequest(path=request.path, headers=request.headers, body=body,
-                            sticky_key=request.sticky_key)
+                            sticky_key=request.sticky_key, surface=Surface.CODEX_WEBSOCKET)
         self._nursery.start_soon(self._serve, Forward(request=turn, reply=reply_send))
         with reply_recv:
             try:
@@ -573,6 +618,8 @@ class ProxyHandler:
                             self._note_usage(account_id, usage)
                     if kind in TERMINAL_EVENT_TYPES:
                         state["terminal"] = True
+                        if attempt.stats is not None:
+                            attempt.stats.note_terminal(kind, payload)
                     if state["committed"]:
                         await deliver(event)
                         continue
@@ -584,7 +631,7 @@ class ProxyHandler:
                     held.append(event)
                     if kind in PREAMBLE_TYPES and len(held) < HOLD_EVENTS:
                         continue
-                    self._commit(reply, headers, account_id, events_recv)
+                    self._commit(reply, headers, account_id, events_recv, attempt.stats)
                     state["committed"] = True
                     for early in held:
                         await deliver(early)
@@ -604,6 +651,8 @@ class ProxyHandler:
                     nursery.cancel_scope.cancel()
             if state["client_gone"]:
                 self.counters["client_disconnects"] += 1
+                if attempt.stats is not None and not attempt.stats.terminal:
+                    attempt.stats.terminal = "client_closed"
                 return  # the client went away; the lease and response close behind us
             if early_failure:
                 await self._on_failure(early_failure[0], account_id, attempt)
@@ -613,7 +662,7 @@ class ProxyHandler:
                         "upstream stream ended before any event")
                     attempt.tried.add(account_id)
                     raise _Failover
-                self._commit(reply, headers, account_id, events_recv)
+                self._commit(reply, headers, account_id, events_recv, attempt.stats)
                 for early in held:
                     await _send_quietly(events_send, early)
             if errors or not state["terminal"]:
@@ -623,13 +672,18 @@ class ProxyHandler:
                 self.counters["streams_failed"] += 1
                 log.info("proxy account=%s stream ended early generation=%d: %s",
                          account_id, lease.generation, text)
+                if attempt.stats is not None:
+                    attempt.stats.terminal, attempt.stats.error_code = "response.failed", code
                 await _send_quietly(events_send, _sse(failed_event(code, f"upstream stream failed: {text}")))
 
     def _commit(
         self, reply: trio.MemorySendChannel[Any], headers: dict[str, str], account_id: str,
-        events_recv: trio.MemoryReceiveChannel[SSEEvent],
+        events_recv: trio.MemoryReceiveChannel[SSEEvent], stats: RequestStats | None = None,
     ) -> None:
         self.counters["streams"] += 1
+        if stats is not None:
+            stats.status = 200
+            stats.mark_first_event(trio.current_time())
         if not answer(reply, Exchange(status=200, headers=headers, account_id=account_id,
                                       events=events_recv)):
             events_recv.close()  # the caller gave up before we answered
@@ -643,6 +697,23 @@ class PassThrough(CodexLBError):
         self.http_status = status
         self.body = body
         self.content_type = content_type or "application/json"
+
+
+def _noted(attempt: _Attempt, err: CodexLBError) -> CodexLBError:
+    """The final error of a request, also written on its stats for the request log."""
+    if attempt.stats is not None:
+        attempt.stats.status = err.http_status
+        attempt.stats.error_code = (f"upstream_http_{err.http_status}"
+                                    if isinstance(err, PassThrough) else err.code)
+    return err
+
+
+_SURFACES = {"/codex/responses": Surface.CODEX_HTTP, "/codex/responses/compact": Surface.COMPACT,
+             "/codex/models": Surface.MODELS, "/transcribe": Surface.TRANSCRIBE}
+
+
+def _surface_for(path: str) -> str:
+    return _SURFACES.get(path, path.strip("/").replace("/", "_") or "unknown")
 
 
 def _prefer_last(attempt: _Attempt, exc: CodexLBError) -> bool:

@@ -21,6 +21,7 @@ from actors.messages import ClientStats, RotationReason
 from actors.proxy_handler import PassThrough
 from actors.supervisor import Engine
 from service.config import Config, hash_api_key
+from service.dashboard import is_public_page, register_dashboard
 from service.login import LoginError, import_auth_data
 from service.surfaces import json_body, register_surfaces
 
@@ -37,7 +38,10 @@ def error_response(err: CodexLBError) -> Response:
     return json_response(openai_error_body(err), err.http_status)
 
 
-def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
+def create_app(
+    engine: Engine, config: Config, *, store: Any = None, request_log: Any = None,
+    dashboard: Any = None,
+) -> Quart:
     app = QuartTrio("codex_lb_trio")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.config["BODY_TIMEOUT"] = None
@@ -48,7 +52,7 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
 
     @app.before_request
     async def check_api_key() -> Response | None:
-        if not key_digests or request.path in OPEN_PATHS:
+        if not key_digests or request.path in OPEN_PATHS or is_public_page(request.path):
             return None
         return _refuse_without_key(request.headers.get("authorization", ""), key_digests)
 
@@ -184,9 +188,13 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = await engine.clients.stats()
-        return Response(render_metrics(stats), content_type="text/plain; version=0.0.4")
+        text = render_metrics(stats)
+        if request_log is not None:
+            text += request_log.metrics.render(request_log.pending)
+        return Response(text, content_type="text/plain; version=0.0.4")
 
     register_surfaces(app, engine, config)
+    register_dashboard(app, engine, config, request_log=request_log, services=dashboard)
     return app
 
 

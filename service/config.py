@@ -80,6 +80,7 @@ class RoutingConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageConfig:
     home: str = ""  # empty: $CODEX_LB_TRIO_HOME, else ~/.codex-lb-trio
+    request_log_days: float = 30.0  # request log retention; 0 keeps rows forever
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,6 +175,7 @@ def _validate(config: Config) -> None:
         ("client.watch_interval", config.client.watch_interval, 0, None),
         ("routing.max_attempts", config.routing.max_attempts, 1, None),
         ("server.max_body_bytes", config.server.max_body_bytes, 1, None),
+        ("storage.request_log_days", config.storage.request_log_days, 0, None),
     ]
     for key, value, low, high in positive:
         if value < low or (high is not None and value > high):

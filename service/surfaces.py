@@ -27,6 +27,7 @@ from actors.openai_compat import (
     responses_request_for_upstream,
 )
 from actors.proxy_handler import Exchange, ProxyRequest
+from actors.request_record import Surface
 from actors.supervisor import Engine
 from actors.upstream import ClientInputError, parse_event_json
 from service.config import Config
@@ -181,7 +182,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         headers = client_headers()
         exchange = await proxy.forward(ProxyRequest(
             path="/codex/responses", headers=headers, body=upstream_body,
-            sticky_key=sticky_key(dict(headers), body),
+            sticky_key=sticky_key(dict(headers), body), surface=Surface.V1_RESPONSES,
         ))
         if wants_stream:
             return sse_response(exchange)
@@ -199,7 +200,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         headers = client_headers()
         exchange = await proxy.forward(ProxyRequest(
             path="/codex/responses", headers=headers, body=upstream_body,
-            sticky_key=sticky_key(dict(headers), upstream_body),
+            sticky_key=sticky_key(dict(headers), upstream_body), surface=Surface.CHAT,
         ))
         if not body.get("stream"):
             final = await collect_final_response(exchange)
