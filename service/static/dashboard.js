@@ -12,6 +12,7 @@
   const $ = (sel) => document.querySelector(sel);
   const charts = new Map();
   let lastAccounts = "", lastRequests = "", lastNetwork = "", timer = null, historyAt = 0;
+  let emails = {};
 
   function h(tag, attrs, ...children) {
     const el = document.createElement(tag);
@@ -112,6 +113,7 @@
     const key = JSON.stringify(state.accounts);
     if (key === lastAccounts) return;
     lastAccounts = key;
+    emails = Object.fromEntries(state.accounts.map((a) => [a.id, a.email || a.id]));
     const now = state.now;
     const rows = state.accounts.map((a) => {
       const usage = a.usage || {};
@@ -199,22 +201,25 @@
       const data = [series.buckets, series.total[metric], ...accounts.map((a) => series.accounts[a][metric])];
       const width = Math.max(240, el.clientWidth || 320);
       const old = charts.get(el);
-      const labels = ["total", ...accounts].join("|");
+      const labels = ["total", ...accounts.map((a) => emails[a] || a)].join("|");
       if (old && old.labels === labels) {
         old.plot.setData(data);
         if (Math.abs(old.plot.width - width) > 4) old.plot.setSize({ width, height: 200 });
         continue;
       }
       if (old) old.plot.destroy();
+      // The total as bars, each account as a line with points on top of them.
+      const bars = uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined;
       const opts = {
-        width, height: 200, legend: { show: true },
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
-        series: [{}, { label: "total", stroke: "#20242b", width: 2, fill: "rgba(32,36,43,0.06)" },
-          ...accounts.map((a, i) => ({ label: a, stroke: COLORS[i % COLORS.length], width: 1.5 }))],
+        width, height: 200, legend: { show: true, live: false },
+        cursor: { drag: { x: false, y: false } },
+        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
+        series: [{}, { label: "total", stroke: "#8a94a6", width: 1, fill: "rgba(138,148,166,0.35)", paths: bars, points: { show: false } },
+          ...accounts.map((a, i) => ({ label: emails[a] || a, stroke: COLORS[i % COLORS.length], width: 2,
+            points: { show: true, size: 5 } }))],
         axes: [{}, { size: 50, values: (u, vals) => vals.map(compact) }],
       };
       const plot = new uPlot(opts, data, el);
-      el.dataset.rendered = String(data[1].reduce((x, y) => x + y, 0));
       charts.set(el, { plot, labels });
     }
     for (const el of document.querySelectorAll("[data-chart]")) {
