@@ -28,7 +28,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, assert_never
 
 import httpx
@@ -274,6 +274,17 @@ class ProxyHandler:
             started=trio.current_time(), model=str(body.get("model") or ""),
             client=client_label(request.sticky_key))
 
+    def _turn_stats(
+        self, request: ProxyRequest, relay: ws.TurnRelay, turn: dict[str, Any],
+    ) -> RequestStats | None:
+        """Stats for one turn over an upstream WebSocket (None when nothing logs)."""
+        if self._on_record is None:
+            return None
+        stats = self._new_stats(replace(request, body=turn))
+        stats.surface, stats.account_id = Surface.CODEX_WEBSOCKET, relay.account_id
+        stats.status, stats.attempts, stats.generation = 101, 1, relay.generation
+        return stats
+
     def _emit(self, stats: RequestStats) -> None:
         """Hand the finished request to the log sink; a sink's fault never reaches a request."""
         if self._on_record is None:
@@ -493,7 +504,9 @@ class ProxyHandler:
                                           account_id="", mode="websocket")
             relay = ws.TurnRelay(client_in=in_recv, client_out=out_send, account_id="",
                                  idle_timeout=lambda: self.settings.idle_timeout,
-                                 http_turn=lambda body: self._http_turn(request, body))
+                                 http_turn=lambda body: self._http_turn(request, body),
+                                 turn_stats=lambda turn: self._turn_stats(request, relay, turn),
+                                 turn_done=self._emit)
 
             async def try_account(account_id: str, attempt: _Attempt) -> str:
                 session.account_id = relay.account_id = account_id
@@ -540,6 +553,7 @@ class ProxyHandler:
                     opened = True
                     self.counters["websocket_sessions"] += 1
                     relay.idle_timeout = lease.idle_timeout
+                    relay.generation = lease.generation
                     if answer(reply, session):
                         await relay.relay_websocket(upstream)
                 return True

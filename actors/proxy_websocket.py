@@ -34,6 +34,7 @@ from actors.upstream import (
 
 if TYPE_CHECKING:
     from actors.proxy_handler import Exchange
+    from actors.request_record import RequestStats
 
 log = logging.getLogger("codex_lb_trio.proxy.ws")
 
@@ -152,6 +153,10 @@ class TurnRelay:
     account_id: str
     idle_timeout: Callable[[], float]
     http_turn: Callable[[dict[str, Any]], Awaitable[Exchange]]
+    # The request log: stats for a turn (None: not logging), and where a finished turn goes.
+    turn_stats: Callable[[dict[str, Any]], RequestStats | None] = lambda turn: None
+    turn_done: Callable[[RequestStats], None] = lambda stats: None
+    generation: int = 0  # the client generation of the upstream socket, for the log
 
     async def send_client(self, frame: str) -> None:
         await self.client_out.send(frame)
@@ -169,22 +174,32 @@ class TurnRelay:
     async def relay_websocket(self, upstream: trio_websocket.WebSocketConnection) -> None:
         """Turns over the upstream socket until the client leaves or the socket dies."""
         while (turn := await self.next_turn()) is not None:
+            stats = self.turn_stats(turn)
             try:
                 await upstream.send_message(json.dumps(turn))
                 while True:
                     with trio.fail_after(self.idle_timeout()):
                         frame = await upstream.get_message()
                     await self.send_client(frame if isinstance(frame, str) else frame.decode())
-                    if _frame_type(frame) in TERMINAL_EVENT_TYPES:
+                    if stats is not None:
+                        stats.mark_first_event(trio.current_time())
+                    if (kind := _frame_type(frame)) in TERMINAL_EVENT_TYPES:
+                        if stats is not None:
+                            stats.note_terminal(kind, _frame_json(frame))
                         break
             except trio.TooSlowError:
+                _lost(stats)
                 await self.send_client(json.dumps(failed_event(
                     "upstream_connection_lost", "upstream websocket went silent")))
                 return
             except trio_websocket.ConnectionClosed as exc:
+                _lost(stats)
                 await self.send_client(json.dumps(failed_event(
                     "upstream_connection_lost", f"upstream websocket closed: {exc.reason}")))
                 return
+            finally:
+                if stats is not None:
+                    self.turn_done(stats)
 
     async def relay_http(self, first_turn: dict[str, Any] | None = None) -> None:
         """The fallback: each turn becomes one upstream HTTP SSE exchange."""
@@ -231,6 +246,19 @@ def prewarm_events(turn: dict[str, Any]) -> list[dict[str, Any]]:
         {"type": "response.created", "response": {**response, "status": "in_progress"}},
         {"type": "response.completed", "response": response},
     ]
+
+
+def _lost(stats: RequestStats | None) -> None:
+    if stats is not None:
+        stats.terminal, stats.error_code = "response.failed", "upstream_connection_lost"
+
+
+def _frame_json(frame: str | bytes) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(frame)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 def _frame_type(frame: str | bytes) -> str | None:

@@ -1,6 +1,6 @@
 """What the request log costs: requests/s through the engine with and without it, same run.
 
-    .venv/bin/python bench/request_log.py [--concurrency 16] [--requests 400] [--blocks 6]
+    .venv/bin/python bench/request_log.py [--concurrency 16] [--requests 100] [--blocks 20]
                                           [--accounts 2]
 
 The fake upstream and the engine (``open_actors`` with the SQLite account store) run in this
@@ -8,7 +8,10 @@ process; each request is a real ``POST /codex/responses`` stream over loopback, 
 terminal event. The ProxyHandler's ``on_record`` sink is switched per block between the
 request log (``service/request_log.py``: queue in memory, one SQLite transaction per second in
 a worker thread) and a no-op; blocks alternate (off, on, off, on, ...) so drift on this shared
-machine hits both sides alike. It also times ``record()`` alone and the writer's commit rate.
+machine hits both sides alike. Besides requests/s (wall clock, noisy when other programs share
+the cores) it reports this process's CPU time per request (both sides' threads included, so
+the writer's SQLite work counts), the median of the on/off ratios of neighbouring blocks, and
+times ``record()`` alone and the writer's commit rate.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ async def one_request(engine, worker: int, index: int) -> bool:
     return last == "response.completed"
 
 
-async def block(engine, *, concurrency: int, requests: int) -> tuple[float, int]:
-    """``requests`` streams over ``concurrency`` workers; (seconds, failures)."""
+async def block(engine, *, concurrency: int, requests: int) -> tuple[float, float, int]:
+    """``requests`` streams over ``concurrency`` workers; (seconds, CPU seconds, failures)."""
     remaining = iter(range(requests))
     failures = 0
 
@@ -74,11 +77,11 @@ async def block(engine, *, concurrency: int, requests: int) -> tuple[float, int]
             if not await one_request(engine, number, index):
                 failures += 1
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for number in range(concurrency):
             nursery.start_soon(worker, number)
-    return time.perf_counter() - started, failures
+    return time.perf_counter() - started, time.process_time() - cpu, failures
 
 
 def micro(log: RequestLog, count: int = 50_000) -> float:
@@ -114,14 +117,19 @@ async def main(args: argparse.Namespace) -> None:
                                            periodic_refresh=False, on_record=switch) as engine:
                         await block(engine, concurrency=args.concurrency, requests=50)  # warm up
                         rates: dict[bool, list[float]] = {False: [], True: []}
+                        cpu_ms: dict[bool, list[float]] = {False: [], True: []}
                         failures = 0
                         for number in range(args.blocks):
                             switch.enabled = number % 2 == 1
-                            seconds, failed = await block(
+                            seconds, cpu, failed = await block(
                                 engine, concurrency=args.concurrency, requests=args.requests)
+                            # the writer's last batch lands inside the block it belongs to
+                            cpu_before = time.process_time()
+                            await trio.sleep(1.2)
+                            cpu += time.process_time() - cpu_before
                             failures += failed
                             rates[switch.enabled].append(args.requests / seconds)
-                            await trio.sleep(1.2)  # let the writer's last batch land
+                            cpu_ms[switch.enabled].append(cpu / args.requests * 1000)
                     written = log.metrics.rows_written
                     lag = log.metrics.max_write_lag
                     record_us = micro(log)
@@ -131,13 +139,15 @@ async def main(args: argparse.Namespace) -> None:
             finally:
                 await store.aclose()
     off, on = statistics.median(rates[False]), statistics.median(rates[True])
+    paired = [b / a for a, b in zip(rates[False], rates[True], strict=False)]
+    cpu_off, cpu_on = statistics.median(cpu_ms[False]), statistics.median(cpu_ms[True])
     print(f"request log write cost: {args.blocks} alternating blocks of {args.requests} streams, "
           f"{args.concurrency} concurrent, {args.accounts} accounts, in-process engine")
-    print(f"  without the log: {off:8.1f} requests/s  (blocks: "
-          + ", ".join(f"{r:.1f}" for r in rates[False]) + ")")
-    print(f"  with the log:    {on:8.1f} requests/s  (blocks: "
-          + ", ".join(f"{r:.1f}" for r in rates[True]) + ")")
-    print(f"  ratio with/without: {on / off:.3f}  ({(on / off - 1) * 100:+.1f}%)")
+    print(f"  without the log: {off:7.1f} requests/s median, {cpu_off:.2f} ms CPU per request")
+    print(f"  with the log:    {on:7.1f} requests/s median, {cpu_on:.2f} ms CPU per request")
+    print(f"  with/without: requests/s {on / off:.3f} (median of neighbouring-block ratios "
+          f"{statistics.median(paired):.3f}); CPU per request {cpu_on / cpu_off:.3f} "
+          f"({cpu_on - cpu_off:+.3f} ms)")
     print(f"  rows written: {written}; largest write lag {lag * 1000:.0f} ms; failures {failures}")
     print(f"  record() alone: {record_us:.2f} us per row; one batch of {flushed} rows commits at "
           f"{flush_rate:,.0f} rows/s")
@@ -146,8 +156,8 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=400, help="streams per block")
-    parser.add_argument("--blocks", type=int, default=6, help="alternating off/on blocks")
+    parser.add_argument("--requests", type=int, default=100, help="streams per block")
+    parser.add_argument("--blocks", type=int, default=20, help="alternating off/on blocks")
     parser.add_argument("--accounts", type=int, default=2)
     return parser.parse_args(argv)
 

@@ -287,3 +287,36 @@ async def test_real_requests_leave_rows(tmp_path: Path, fake_upstream, chaos) ->
         # The log lives in its own file in the data dir, beside the account store.
         assert rows_in(tmp_path / "home" / FILE_NAME) == 3
         assert json.dumps(rows).count("Bearer") == 0
+
+
+async def ws_turns(url: str, turns: int) -> None:
+    import trio_websocket
+
+    headers = [(b"openai-beta", b"responses_websockets=2026-02-06"), (b"session-id", b"ws-1")]
+    async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+        for _ in range(turns):
+            await ws.send_message(json.dumps({"type": "response.create", **CODEX_BODY}))
+            while json.loads(await ws.get_message())["type"] != "response.completed":
+                pass
+
+
+async def test_websocket_turns_leave_one_row_each(tmp_path: Path, fake_upstream, chaos) -> None:
+    with trio.fail_after(60):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack:
+            url = stack.url.replace("http://", "ws://") + "/backend-api/codex/responses"
+            await ws_turns(url, 2)  # over an upstream socket
+            fake_upstream.websocket_enabled = False
+            await ws_turns(url, 1)  # the HTTP fallback
+            async with stack.http() as client:
+                rows: list[dict] = []
+                with trio.fail_after(5):
+                    while len(rows) < 3:
+                        await trio.sleep(0.2)
+                        rows = (await client.get("/api/requests")).json()["requests"]
+            assert [r["surface"] for r in rows] == ["codex_ws"] * 3
+            assert all(r["terminal"] == "response.completed" for r in rows)
+            assert all(r["output_tokens"] > 0 and r["ttfe_ms"] is not None for r in rows)
+            assert [r["status"] for r in rows] == [200, 101, 101]
+            assert rows[1]["generation"] >= 1
+            assert rows[1]["client"] == rows[2]["client"] != ""
+            assert fake_upstream.count("ws_turns") == 2
