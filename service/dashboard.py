@@ -46,6 +46,7 @@ STATIC_PREFIX = "/dashboard/static/"
 PAGE_PATHS = frozenset({"/", "/dashboard"})
 TIMELINE_SIZE = 200
 POLL_INTERVAL = 1.0
+SUMMARY_SECONDS = 3.0  # the page polls every second; the 24 h totals need not be fresher
 DEVICE_LOGIN_SECONDS = 900.0
 DEVICE_LOGINS_KEPT = 20
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -182,6 +183,17 @@ def register_dashboard(
     csrf_token = secrets.token_urlsafe(24)
     keys_required = bool(config.api_key_digests)
     services = services or DashboardServices(engine, config)
+    cached: dict[str, Any] = {"at": -SUMMARY_SECONDS}
+
+    async def log_summary(now: float) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The 24 h summary and last errors, recomputed at most every SUMMARY_SECONDS."""
+        if request_log is None:
+            return None, {}
+        if trio.current_time() - cached["at"] >= SUMMARY_SECONDS:
+            cached["summary"] = await request_log.summary(since=now - 86400)
+            cached["last_errors"] = await request_log.last_errors()
+            cached["at"] = trio.current_time()
+        return cached["summary"], cached["last_errors"]
 
     async def state() -> dict[str, Any]:
         now = time.time()
@@ -194,9 +206,7 @@ def register_dashboard(
             clients: dict[str, Any] | None = (await engine.clients.stats()).to_json()
         except CodexLBError:
             clients = None
-        day_start = now - 86400
-        summary = await request_log.summary(since=day_start) if request_log else None
-        last_errors = await request_log.last_errors() if request_log else {}
+        summary, last_errors = await log_summary(now)
         in_flight = proxy_stats.get("in_flight", {})
         for account in accounts:
             account["in_flight"] = in_flight.get(account["id"], 0)
