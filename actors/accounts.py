@@ -4,6 +4,12 @@ An ``Account`` is an immutable snapshot. Stores change one concern at a time
 (tokens, status, cooldown, usage) so that two actors writing different concerns of
 the same account never overwrite each other's work.
 
+Token writes are versioned: ``token_version`` grows by one with every saved triple (a
+refresh, a login, an import). A write about the tokens (``save_tokens``, or a
+``set_status`` verdict on them) may name the version it is based on; the store refuses it
+with TokenVersionConflict if a newer triple was saved meanwhile, so a server acting on an
+old login can never overwrite a fresh ``accounts login`` made from the CLI.
+
 Times that are persisted (expiry, cooldown, usage resets) are wall-clock epoch
 seconds; actors compare them against ``time.time()`` passed in by the caller.
 """
@@ -13,10 +19,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,6 +115,7 @@ class Account:
     cooldown_until: float | None = None
     usage: Usage = field(default_factory=Usage)
     created_at: float = field(default_factory=time.time)
+    token_version: int = 1  # grows with every saved token triple (see the module docstring)
 
     def public_json(self, now: float | None = None) -> dict[str, Any]:
         """The account as the admin API shows it: every field but the tokens."""
@@ -136,10 +144,35 @@ class Account:
         return self.status
 
 
+class StoreFailure(Exception):
+    """The store could not do what was asked (disk, lock, a corrupt row); says why in one line.
+
+    Not the caller's fault and not the account's: a request that meets one fails (or fails
+    over) on its own, and an actor that meets one logs it and carries on.
+    """
+
+
 class AccountNotFound(LookupError):
     def __init__(self, account_id: str) -> None:
         super().__init__(f"no account with id {account_id!r}")
         self.account_id = account_id
+
+
+class TokenVersionConflict(Exception):
+    """A token write based on an older triple than the stored one; nothing was written."""
+
+    def __init__(self, account_id: str, *, stored: int, expected: int) -> None:
+        super().__init__(f"account {account_id}: tokens are at version {stored}, the write "
+                         f"was based on version {expected}")
+        self.account_id = account_id
+        self.stored = stored
+        self.expected = expected
+        self.current: Account | None = None  # the stored account, when the store has it
+
+
+def token_fingerprint(token: str) -> str:
+    """A short, one-way name for a token: compares tokens without carrying them around."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 class AccountStore(Protocol):
@@ -168,17 +201,35 @@ class AccountStore(Protocol):
         access_expires_at: float | None,
         last_refresh: float,
         plan: str | None = None,
+        expected_version: int | None = None,
     ) -> Account:
-        """Persist a new token triple durably before returning."""
+        """Persist a new token triple durably before returning; its version is one more.
+
+        With ``expected_version``, raise TokenVersionConflict (writing nothing) if the
+        stored triple is newer than that version.
+        """
         ...
 
     async def set_status(
-        self, account_id: str, status: AccountStatus, reason: str = ""
-    ) -> Account: ...
+        self, account_id: str, status: AccountStatus, reason: str = "",
+        *, expected_version: int | None = None,
+    ) -> Account:
+        """With ``expected_version``: a verdict about that triple; refused if a newer one
+        is stored (TokenVersionConflict)."""
+        ...
 
     async def set_cooldown(self, account_id: str, until: float | None) -> Account: ...
 
     async def set_usage(self, account_id: str, usage: Usage) -> Account: ...
+
+    async def merge_usages(
+        self, readings: Mapping[str, Usage], merge: Callable[[Usage, Usage], Usage]
+    ) -> None:
+        """Store ``merge(stored, reading)`` for every account, in one write.
+
+        Accounts that no longer exist are skipped.
+        """
+        ...
 
     async def remove(self, account_id: str) -> None: ...
 
@@ -217,6 +268,7 @@ class InMemoryAccountStore:
                     last_refresh=account.last_refresh,
                     status=AccountStatus.ACTIVE,
                     status_reason="",
+                    token_version=existing.token_version + 1,
                 )
                 self._accounts[existing.id] = updated
                 return updated, False
@@ -240,26 +292,49 @@ class InMemoryAccountStore:
         access_expires_at: float | None,
         last_refresh: float,
         plan: str | None = None,
+        expected_version: int | None = None,
     ) -> Account:
+        current = self._check_version(account_id, expected_version)
         changes: dict[str, Any] = {
             "tokens": tokens,
             "access_expires_at": access_expires_at,
             "last_refresh": last_refresh,
+            "token_version": current.token_version + 1,
         }
         if plan:
             changes["plan"] = plan
         return self._change(account_id, **changes)
 
     async def set_status(
-        self, account_id: str, status: AccountStatus, reason: str = ""
+        self, account_id: str, status: AccountStatus, reason: str = "",
+        *, expected_version: int | None = None,
     ) -> Account:
+        self._check_version(account_id, expected_version)
         return self._change(account_id, status=status, status_reason=reason)
+
+    def _check_version(self, account_id: str, expected: int | None) -> Account:
+        try:
+            current = self._accounts[account_id]
+        except KeyError:
+            raise AccountNotFound(account_id) from None
+        if expected is not None and current.token_version > expected:
+            raise TokenVersionConflict(account_id, stored=current.token_version, expected=expected)
+        return current
 
     async def set_cooldown(self, account_id: str, until: float | None) -> Account:
         return self._change(account_id, cooldown_until=until)
 
     async def set_usage(self, account_id: str, usage: Usage) -> Account:
         return self._change(account_id, usage=usage)
+
+    async def merge_usages(
+        self, readings: Mapping[str, Usage], merge: Callable[[Usage, Usage], Usage]
+    ) -> None:
+        for account_id, reading in readings.items():
+            current = self._accounts.get(account_id)
+            if current is not None:
+                self._accounts[account_id] = dataclasses.replace(
+                    current, usage=merge(current.usage, reading))
 
     async def remove(self, account_id: str) -> None:
         if self._accounts.pop(account_id, None) is None:

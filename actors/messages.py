@@ -113,6 +113,9 @@ class EnsureFresh:
     # False: a transport failure is answered as is, without rotating the client; the
     # caller (the RefreshScheduler) owns the rotation budget of its failover cycle.
     rotate_on_transport: bool = True
+    # With force: the fingerprint (accounts.token_fingerprint) of the access token the
+    # upstream refused. If the account's token has changed since, no refresh is made.
+    rejected_token_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +138,9 @@ TokenRefresherMessage = EnsureFresh | RefreshDone | ShutdownRefresher
 class FreshTokens:
     account: Account
     tokens: TokenSet
+    # The refresh that produced these rotated the client (a caller with its own rotation
+    # budget counts it as spent).
+    rotated: bool = False
 
 
 # --- RefreshScheduler -------------------------------------------------------------

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, assert_never
 
 import httpx
@@ -37,11 +39,12 @@ import trio_websocket
 
 from actors import balancer
 from actors import proxy_websocket as ws
-from actors.accounts import AccountStore, Usage
+from actors.accounts import AccountStore, StoreFailure, Usage
 from actors.client_manager import ClientHandle, Lease, keepalive_socket_options
 from actors.errors import (
     ActorUnavailable,
     AuthExpired,
+    ClientError,
     CodexLBError,
     InvalidResponse,
     PermanentAuth,
@@ -50,10 +53,11 @@ from actors.errors import (
     RateLimited,
     ServerError,
     TransportError,
+    UnexpectedError,
     UpstreamError,
     classify,
 )
-from actors.messages import RotationReason, answer, call, close_inbox
+from actors.messages import FreshTokens, RotationReason, answer, call, close_inbox
 from actors.proxy_websocket import WebSocketSession
 from actors.request_record import RecordSink, RequestStats, Surface, client_label
 from actors.token_refresher import TokenHandle
@@ -72,10 +76,12 @@ from actors.upstream import (
     usage_from_headers,
     usage_from_rate_limits_event,
 )
+from actors.usage_writer import UsageWriter
 
 log = logging.getLogger("codex_lb_trio.proxy")
 
 INBOX_SIZE = 256
+USAGE_FLUSH_BOUND = 5.0  # shielded ceiling on writing pending usage when the actor stops
 EVENT_BUFFER = 8  # events queued towards the client before the upstream read waits
 HOLD_EVENTS = 8  # at most this many opening events are held back before committing
 MAX_ERROR_BODY = 1024 * 1024
@@ -161,6 +167,8 @@ class _Attempt:
     refreshed: set[str] = field(default_factory=set)
     transport_retried: set[str] = field(default_factory=set)
     last_error: CodexLBError | None = None
+    # The access token each account's last attempt sent: a 401 names it as the stale one.
+    used_tokens: dict[str, str] = field(default_factory=dict)
     stats: RequestStats | None = None  # what the request log will get
 
 
@@ -224,6 +232,9 @@ class ProxyHandler:
         self._in_flight: Counter[str] = Counter()
         self._sticky = balancer.StickyTable()
         self.counters: Counter[str] = Counter()
+        # Faults caught at a request task's boundary, by kind (see FAULT_KINDS).
+        self.faults: Counter[str] = Counter({kind: 0 for kind in FAULT_KINDS})
+        self.usage = UsageWriter(store, merge_usage)
 
     def close(self) -> None:
         """The actor is gone for good: queued and later requests fail at once."""
@@ -233,6 +244,17 @@ class ProxyHandler:
         return ProxyHandle(self._inbox_send.clone())
 
     async def run(self, *, task_status: trio.TaskStatus[ProxyHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as writer:
+            writer.start_soon(self.usage.run)
+            try:
+                await self._serve_inbox(task_status)
+            finally:
+                # Requests are done (or cancelled): write the usage they left, bounded.
+                writer.cancel_scope.cancel()
+                with trio.move_on_after(USAGE_FLUSH_BOUND, shield=True):
+                    await self.usage.flush()
+
+    async def _serve_inbox(self, task_status: trio.TaskStatus[ProxyHandle]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started(self.handle())
@@ -241,12 +263,16 @@ class ProxyHandler:
                     case Forward():
                         nursery.start_soon(self._serve, message)
                     case OpenWebSocket():
-                        nursery.start_soon(self._serve_websocket, message)
+                        nursery.start_soon(self._task_boundary, "websocket", message.reply,
+                                           partial(self._serve_websocket, message))
                     case GetProxyStats():
                         with message.reply:
                             answer(message.reply, {
                                 "in_flight": dict(+self._in_flight),
                                 "counters": dict(self.counters),
+                                "request_faults": dict(self.faults),
+                                "usage_batches": self.usage.batches,
+                                "usage_write_failures": self.usage.failures,
                                 "sticky_sessions": len(self._sticky),
                             })
                     case _:
@@ -254,18 +280,52 @@ class ProxyHandler:
 
     # --- one request ----------------------------------------------------------------
 
-    async def _serve(self, message: Forward) -> None:
-        request, reply = message.request, message.reply
-        stats = self._new_stats(request)
-        with reply:
+    async def _task_boundary(
+        self, kind: str, reply: trio.MemorySendChannel[Any], work: Callable[[], Awaitable[object]],
+        stats: RequestStats | None = None,
+    ) -> None:
+        """Run one request task so that no exception of it reaches the actor's nursery.
+
+        A fault stays in its request: whatever ``work`` raises (a bad header byte, a store
+        error, a bug) becomes this request's own answer, an error in OpenAI's shape with a
+        request id, if nothing was answered yet; a stream already handed over ends with its
+        own terminal event (the relay guarantees one). Either way the fault is logged once
+        and counted in ``faults`` (shown on /metrics). Cancellation passes through.
+        """
+        request_id = stats.request_id if stats is not None else "req_" + secrets.token_hex(6)
+        # Our own clone: the work may close its end of the reply before it raises.
+        with reply.clone() as keep:
             try:
-                await self._with_failover(
-                    request, reply,
-                    lambda account_id, attempt: self._attempt(request, account_id, attempt, reply),
-                    stats=stats,
-                )
+                await work()
+            except Exception as exc:
+                err, fault = fault_answer(exc, request_id)
+                self.faults[fault] += 1
+                if stats is not None and not stats.terminal:
+                    stats.status, stats.error_code = err.http_status, err.code
+                answered = answer(keep, err)
+                if fault == "internal":
+                    log.error("request %s (%s) failed: %s answered=%s", request_id, kind,
+                              err.message, answered, exc_info=exc)
+                else:
+                    log.warning("request %s (%s) failed (%s): %s answered=%s", request_id, kind,
+                                fault, err.message, answered)
             finally:
-                self._emit(stats)
+                if stats is not None:
+                    self._emit(stats)  # the request log's row, however the request ended
+
+    async def _serve(self, message: Forward) -> None:
+        stats = self._new_stats(message.request)
+        await self._task_boundary("http", message.reply,
+                                  partial(self._serve_http, message, stats), stats=stats)
+
+    async def _serve_http(self, message: Forward, stats: RequestStats) -> None:
+        request, reply = message.request, message.reply
+        with reply:
+            await self._with_failover(
+                request, reply,
+                lambda account_id, attempt: self._attempt(request, account_id, attempt, reply),
+                stats=stats,
+            )
 
     def _new_stats(self, request: ProxyRequest) -> RequestStats:
         body = request.body or {}
@@ -336,6 +396,7 @@ class ProxyHandler:
         if attempt.retry_same is not None:
             account_id, attempt.retry_same = attempt.retry_same, None
             return account_id
+        # A store failure here is this request's 503, answered at its task boundary.
         accounts = await self._store.list_accounts()
         sticky_id = self._sticky.get(request.sticky_key) if request.sticky_key else None
         try:
@@ -363,12 +424,7 @@ class ProxyHandler:
         self, request: ProxyRequest, account_id: str, attempt: _Attempt,
         reply: trio.MemorySendChannel[Any],
     ) -> None:
-        try:
-            fresh = await self._tokens.ensure_fresh(account_id)
-        except (PermanentAuth, TransportError, UpstreamError, InvalidResponse) as exc:
-            attempt.tried.add(account_id)
-            attempt.last_error = exc
-            raise _Failover from None
+        fresh = await self._fresh_tokens(account_id, attempt)
         async with self._clients.lease() as lease:
             if attempt.stats is not None:
                 attempt.stats.generation = lease.generation
@@ -409,6 +465,19 @@ class ProxyHandler:
             finally:
                 await response.aclose()
 
+    async def _fresh_tokens(self, account_id: str, attempt: _Attempt) -> FreshTokens:
+        """The account's tokens, or fail over: whatever went wrong (a dead login, an account
+        removed meanwhile, a refresher that is restarting) is this account's problem only."""
+        try:
+            fresh = await self._tokens.ensure_fresh(account_id)
+        except CodexLBError as exc:
+            attempt.tried.add(account_id)
+            attempt.last_error = exc
+            log.info("proxy account=%s no usable token (%s): failing over", account_id, exc.message)
+            raise _Failover from None
+        attempt.used_tokens[account_id] = fresh.tokens.access_token
+        return fresh
+
     async def _on_transport(
         self, exc: TransportError, lease: Lease, account_id: str, attempt: _Attempt
     ) -> None:
@@ -447,7 +516,10 @@ class ProxyHandler:
         status = failure.status
         if kind in ("rate_limited", "quota"):
             until = failure.resets_at or now + self.settings.default_cooldown
-            await self._store.set_cooldown(account_id, until)
+            try:
+                await self._store.set_cooldown(account_id, until)
+            except (StoreFailure, LookupError) as exc:  # the failover goes on without it
+                log.warning("proxy account=%s cooldown not saved: %s", account_id, exc)
             self._sticky.forget_account(account_id)
             if attempt.stats is not None:
                 attempt.stats.cooldowns.append(account_id)
@@ -466,7 +538,8 @@ class ProxyHandler:
             else:
                 attempt.refreshed.add(account_id)
                 try:
-                    await self._tokens.ensure_fresh(account_id, force=True)
+                    await self._tokens.ensure_fresh(
+                        account_id, force=True, rejected_access_token=attempt.used_tokens.get(account_id))
                     attempt.retry_same = account_id
                     log.info("proxy account=%s error=401: refreshed, retrying", account_id)
                 except CodexLBError as exc:
@@ -483,15 +556,14 @@ class ProxyHandler:
         raise _Failover
 
     def _note_usage(self, account_id: str, usage: Usage) -> None:
-        """Record a live usage reading without waiting (never on the path to a byte)."""
-        self._nursery.start_soon(self._record_usage, account_id, usage)
+        """Record a live usage reading without waiting (never on the path to a byte).
 
-    async def _record_usage(self, account_id: str, usage: Usage) -> None:
-        try:
-            current = await self._store.get(account_id)
-            await self._store.set_usage(account_id, merge_usage(current.usage, usage))
-        except Exception as exc:  # usage is advisory; never fail a request over it
-            log.debug("usage update account=%s failed: %s", account_id, exc)
+        The reading is coalesced with others of the same account and written by the
+        usage writer in one transaction per interval; it outlives the request (and is
+        flushed when the actor stops). The merge with the stored reading happens in one
+        place, inside the store's write.
+        """
+        self.usage.note(account_id, usage)
 
     # --- websocket sessions ------------------------------------------------------------
 
@@ -534,12 +606,7 @@ class ProxyHandler:
         reply: trio.MemorySendChannel[Any], relay: ws.TurnRelay, session: ws.WebSocketSession,
     ) -> bool:
         """One upstream socket for the session. False: the upstream wants HTTP instead."""
-        try:
-            fresh = await self._tokens.ensure_fresh(account_id)
-        except (PermanentAuth, TransportError, UpstreamError, InvalidResponse) as exc:
-            attempt.tried.add(account_id)
-            attempt.last_error = exc
-            raise _Failover from None
+        fresh = await self._fresh_tokens(account_id, attempt)
         headers = ws.handshake_headers(request.headers, fresh.tokens.access_token,
                                        fresh.account.chatgpt_account_id)
         url = ws.websocket_url(self.settings.base_url, request.path)
@@ -614,8 +681,8 @@ class ProxyHandler:
             with chunk_send:
                 try:
                     await lease.pump(response, chunk_send)
-                except CodexLBError as exc:
-                    errors.append(exc)
+                except Exception as exc:  # any fault ends this stream, never the actor
+                    errors.append(classify(exc, phase=Phase.BODY, generation=lease.generation))
 
         async def deliver(event: SSEEvent) -> None:
             await events_send.send(event)
@@ -630,6 +697,8 @@ class ProxyHandler:
                         usage = usage_from_rate_limits_event(payload, self._wall_clock())
                         if usage is not None:
                             self._note_usage(account_id, usage)
+                    if state["terminal"]:
+                        continue  # nothing follows a terminal event
                     if kind in TERMINAL_EVENT_TYPES:
                         state["terminal"] = True
                         if attempt.stats is not None:
@@ -660,6 +729,11 @@ class ProxyHandler:
                     errors.append(InvalidResponse(str(exc)))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     state["client_gone"] = True
+                except Exception as exc:  # our own bug: this stream ends, with its terminal event
+                    self.faults["internal"] += 1
+                    log.error("proxy account=%s relay failed generation=%d", account_id,
+                              lease.generation, exc_info=exc)
+                    errors.append(UnexpectedError(f"internal error: {type(exc).__name__}"))
                 finally:
                     chunk_recv.close()
                     nursery.cancel_scope.cancel()
@@ -679,7 +753,7 @@ class ProxyHandler:
                 self._commit(reply, headers, account_id, events_recv, attempt.stats)
                 for early in held:
                     await _send_quietly(events_send, early)
-            if errors or not state["terminal"]:
+            if not state["terminal"]:  # an unclean close after a terminal event adds nothing
                 err = errors[0] if errors else None
                 code = "upstream_connection_lost" if isinstance(err, TransportError) else "upstream_error"
                 text = err.message if err else "upstream stream ended without a terminal event"
@@ -728,6 +802,42 @@ _SURFACES = {"/codex/responses": Surface.CODEX_HTTP, "/codex/responses/compact":
 
 def _surface_for(path: str) -> str:
     return _SURFACES.get(path, path.strip("/").replace("/", "_") or "unknown")
+
+
+FAULT_KINDS = ("bad_input", "upstream", "store", "unavailable", "internal")
+
+
+def fault_answer(exc: BaseException, request_id: str) -> tuple[CodexLBError, str]:
+    """The answer a request gets for a fault caught at its task boundary, and its kind.
+
+    4xx for bad input, 502 for upstream trouble, 503 when the store or an actor is
+    unavailable, 500 only for our own bug. The message carries the request id (to find
+    the log line) and never the exception's text for a bug (it could quote anything).
+    """
+    leaf = exc
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    suffix = f" (request id {request_id})"
+    err: CodexLBError
+    if isinstance(leaf, StoreFailure):
+        err = ActorUnavailable(f"the account store failed: {leaf}{suffix}")
+        err.code = "store_unavailable"
+        return err, "store"
+    if isinstance(leaf, UnicodeError):
+        return ClientError(f"the request holds characters that cannot be forwarded{suffix}"), "bad_input"
+    if not isinstance(leaf, CodexLBError) and isinstance(leaf, httpx.HTTPError | OSError):
+        leaf = classify(leaf)
+    if isinstance(leaf, PassThrough):
+        return leaf, "upstream"
+    if isinstance(leaf, CodexLBError) and not isinstance(leaf, UnexpectedError):
+        kind = ("bad_input" if isinstance(leaf, ClientError)
+                else "unavailable" if isinstance(leaf, ActorUnavailable)
+                else "upstream" if isinstance(leaf, TransportError | UpstreamError | InvalidResponse)
+                else "internal")
+        if kind != "internal":
+            leaf.message = f"{leaf.message}{suffix}"
+            return leaf, kind
+    return UnexpectedError(f"internal error{suffix}; see the server log"), "internal"
 
 
 def _prefer_last(attempt: _Attempt, exc: CodexLBError) -> bool:

@@ -7,11 +7,13 @@
 * Every ``usage_interval`` each account's ``GET {base}/wham/usage`` is polled, at most
   ``usage_concurrency`` at once and started ``usage_spacing`` apart, and stored. An
   account cooled down by a window that has reset since leaves its cooldown.
-* **The seed's rule.** A *failover cycle* is one plan's model refresh, or one whole
-  usage sweep. In a cycle, the first transport failure (of the upstream call, or of the
-  token refresh before it) rotates the client once (compare-and-swap on the failed
+* **The seed's rule.** A *failover cycle* is one model refresh (every plan), or one
+  whole usage sweep. In a cycle, the first transport failure (of the upstream call, or of
+  the token refresh before it) rotates the client once (compare-and-swap on the failed
   lease's generation) and retries the same step on the same account; any later transport
-  failure in the cycle just moves on to the next account. HTTP errors, unusable answers
+  failure in the cycle just moves on to the next account. A token refresh that rotated
+  on its own (a request shared it and allowed the rotation) spends the cycle's rotation
+  too: one cycle rotates at most once in total. HTTP errors, unusable answers
   and dead logins never rotate. A 401 forces one token refresh and one retry on the same
   account. If every account of a plan fails, that plan's models stay as they were.
 
@@ -438,10 +440,14 @@ class RefreshScheduler:
             groups.setdefault(account.plan, []).append(account)
         outcome = ModelsOutcome()
         fetched: dict[str, tuple[dict[str, Any], ...]] = {}
-        for plan, members in groups.items():
-            models = await self._refresh_plan(plan, members, outcome)
-            if models is not None:
-                fetched[plan] = models
+        budget = _RotationBudget()  # one rotation for the whole cycle, not one per plan
+        try:
+            for plan, members in groups.items():
+                models = await self._refresh_plan(plan, members, outcome, budget)
+                if models is not None:
+                    fetched[plan] = models
+        finally:
+            outcome.rotations = int(budget.spent)
         if not fetched:
             if len(groups) > 1:
                 log.warning("model refresh failed for every plan; catalog unchanged")
@@ -460,32 +466,28 @@ class RefreshScheduler:
         return outcome
 
     async def _refresh_plan(
-        self, plan: str, members: list[Account], outcome: ModelsOutcome
+        self, plan: str, members: list[Account], outcome: ModelsOutcome, budget: _RotationBudget
     ) -> tuple[dict[str, Any], ...] | None:
-        """One failover cycle: the plan's accounts in turn until one answers."""
-        budget = _RotationBudget()
-        try:
-            for index, account in enumerate(members):
-                attempt = _Attempt(account.id)
-                try:
-                    models = await self._on_account(account, budget, attempt, self._fetch_models)
-                except CodexLBError as err:
-                    following = members[index + 1].id if index + 1 < len(members) else "none"
-                    log.warning("model refresh plan=%s account=%s %s next=%s", plan, account.id,
-                                attempt.failure(err), following)
-                    outcome.errors.append(_error_entry("models", account.id, err, plan=plan))
-                    continue
-                if attempt.notes:
-                    log.info("model refresh plan=%s account=%s %s", plan, account.id,
-                             attempt.success())
-                outcome.plans[plan] = account.id
-                return models
-            outcome.plans[plan] = "failed"
-            log.warning("model refresh plan=%s failed on all %d account(s); its models are "
-                        "unchanged", plan, len(members))
-            return None
-        finally:
-            outcome.rotations += int(budget.spent)
+        """The plan's accounts in turn until one answers (within the cycle's budget)."""
+        for index, account in enumerate(members):
+            attempt = _Attempt(account.id)
+            try:
+                models = await self._on_account(account, budget, attempt, self._fetch_models)
+            except CodexLBError as err:
+                following = members[index + 1].id if index + 1 < len(members) else "none"
+                log.warning("model refresh plan=%s account=%s %s next=%s", plan, account.id,
+                            attempt.failure(err), following)
+                outcome.errors.append(_error_entry("models", account.id, err, plan=plan))
+                continue
+            if attempt.notes:
+                log.info("model refresh plan=%s account=%s %s", plan, account.id,
+                         attempt.success())
+            outcome.plans[plan] = account.id
+            return models
+        outcome.plans[plan] = "failed"
+        log.warning("model refresh plan=%s failed on all %d account(s); its models are "
+                    "unchanged", plan, len(members))
+        return None
 
     async def _fetch_models(self, tokens: FreshTokens) -> tuple[dict[str, Any], ...]:
         body = await self._get_json(tokens, "/codex/models",
@@ -565,16 +567,22 @@ class RefreshScheduler:
         """Fresh tokens, then ``fetch``; the seed's rule and the 401 rule applied."""
         tokens: FreshTokens | None = None
         force = False
+        rejected: str | None = None  # the access token a 401 refused
         while True:
             if tokens is None:
                 attempt.step = "token"
                 try:
                     tokens = await self._tokens.ensure_fresh(
-                        account.id, force=force, rotate_on_transport=False
+                        account.id, force=force, rotate_on_transport=False,
+                        rejected_access_token=rejected,
                     )
                 except TransportError as err:
+                    if getattr(err, "rotated_by_refresher", False):
+                        budget.spent = True  # a shared refresh rotated and still failed
                     await self._rotate_once(err, budget, attempt)
                     continue
+                if tokens.rotated:
+                    budget.spent = True  # the shared refresh spent this cycle's rotation
             attempt.step = "fetch"
             try:
                 return await fetch(tokens)
@@ -583,7 +591,7 @@ class RefreshScheduler:
             except AuthExpired:
                 if force:
                     raise  # a second 401: fail over
-                force, tokens = True, None
+                force, rejected, tokens = True, tokens.tokens.access_token, None
                 attempt.notes += ["error=http_401", "step=fetch", "forced_refresh"]
 
     async def _rotate_once(

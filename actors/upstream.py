@@ -70,6 +70,27 @@ UPSTREAM_DROP_PREFIXES = ("proxy-", "x-forwarded-", "sec-websocket-", ":")
 HeaderInput: TypeAlias = "Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]"
 
 
+def unsendable_header(pairs: Iterable[tuple[str, str]]) -> str | None:
+    """The first header whose value cannot be sent upstream as it is, or None.
+
+    httpx and trio-websocket encode header values as ASCII; a value with another character
+    (a non-ASCII byte decoded as latin-1, or anything beyond latin-1) or a control character
+    would raise deep inside the exchange. Checked at the door and again here, so it is always
+    the client's 400, never our crash.
+    """
+    for name, value in pairs:
+        if not value.isascii() or any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+            return name
+    return None
+
+
+def bad_header_error(name: str) -> ClientInputError:
+    return ClientInputError(
+        f"request header {name!r} has a value with characters that cannot be forwarded "
+        "(only printable ASCII is allowed)", param=name,
+    )
+
+
 def _header_items(headers: Any) -> list[tuple[str, str]]:
     items = headers.items() if hasattr(headers, "items") else headers
     pairs: list[tuple[str, str]] = []
@@ -101,6 +122,8 @@ def upstream_headers(
             continue
         if name.startswith(UPSTREAM_DROP_PREFIXES):
             continue
+        if unsendable_header([(name, value)]) is not None:
+            raise bad_header_error(name)
         out[name] = f"{out[name]}, {value}" if name in out else value
     out["authorization"] = f"Bearer {access_token}"
     out["chatgpt-account-id"] = chatgpt_account_id

@@ -189,6 +189,10 @@ def create_app(
     async def metrics() -> Response:
         stats = await engine.clients.stats()
         text = render_metrics(stats)
+        try:
+            text += render_request_faults((await engine.proxy.stats()).get("request_faults", {}))
+        except ActorUnavailable:
+            pass  # the proxy handler is restarting: its lines come back with it
         if request_log is not None:
             text += request_log.metrics.render(request_log.pending)
         return Response(text, content_type="text/plain; version=0.0.4")
@@ -217,6 +221,17 @@ def _refuse_without_key(authorization: str, key_digests: frozenset[str]) -> Resp
     err = ClientError("missing or wrong proxy API key: send Authorization: Bearer <key>", status=401)
     err.code = "invalid_api_key"
     return error_response(err)
+
+
+def render_request_faults(faults: dict[str, int]) -> str:
+    """Faults that request tasks caught at their boundary, by kind (Prometheus text)."""
+    lines = [
+        "# HELP codex_lb_request_faults_total Request faults answered at the request's own "
+        "boundary, by kind.",
+        "# TYPE codex_lb_request_faults_total counter",
+    ]
+    lines += [f'codex_lb_request_faults_total{{kind="{k}"}} {n}' for k, n in sorted(faults.items())]
+    return "\n".join(lines) + "\n"
 
 
 def render_metrics(stats: ClientStats) -> str:

@@ -42,6 +42,7 @@ class UpstreamConfig:
     client_version: str = "0.169.0"
     connect_timeout: float = 8.0
     header_timeout: float = 15.0
+    token_header_timeout: float = 60.0
     stream_idle_timeout: float = 240.0
     dead_path_silence: float = 3.0
     write_timeout: float = 30.0

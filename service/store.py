@@ -31,7 +31,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -39,7 +39,15 @@ from typing import Any, TypeVar
 import trio
 from cryptography.fernet import Fernet, InvalidToken
 
-from actors.accounts import Account, AccountNotFound, AccountStatus, TokenSet, Usage
+from actors.accounts import (
+    Account,
+    AccountNotFound,
+    AccountStatus,
+    StoreFailure,
+    TokenSet,
+    TokenVersionConflict,
+    Usage,
+)
 
 STORE_FILENAME = "store.db"
 KEY_FILENAME = "secret.key"
@@ -53,7 +61,7 @@ _KEY_CHECK_PLAINTEXT = b"codex-lb-trio key check"
 _T = TypeVar("_T")
 
 
-class StoreError(Exception):
+class StoreError(StoreFailure):
     """The account store cannot be opened or used; the message says why in one line."""
 
 
@@ -91,12 +99,19 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1, _migrate_to_2)
+def _migrate_to_3(db: sqlite3.Connection) -> None:
+    """Token writes carry a version, so an older state can never overwrite a newer login."""
+    db.execute("ALTER TABLE accounts ADD COLUMN token_version INTEGER NOT NULL DEFAULT 1")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_to_1, _migrate_to_2, _migrate_to_3,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id, email, chatgpt_account_id, chatgpt_user_id, plan, status, status_reason, tokens,"
-    " access_expires_at, last_refresh, cooldown_until, usage, created_at"
+    " access_expires_at, last_refresh, cooldown_until, usage, created_at, token_version"
 )
 
 
@@ -260,6 +275,7 @@ def _row_to_account(row: tuple[Any, ...], cipher: _TokenCipher) -> Account:
         cooldown_until,
         usage,
         created_at,
+        token_version,
     ) = row
     try:
         parsed_status = AccountStatus(status)
@@ -282,6 +298,7 @@ def _row_to_account(row: tuple[Any, ...], cipher: _TokenCipher) -> Account:
         cooldown_until=cooldown_until,
         usage=parsed_usage,
         created_at=created_at,
+        token_version=token_version,
     )
 
 
@@ -439,6 +456,10 @@ class SQLiteAccountStore:
             except AccountNotFound:
                 self._accounts.pop(account_id, None)  # removed by another process
                 raise
+            except TokenVersionConflict as conflict:
+                if conflict.current is not None:  # another process saved newer tokens
+                    self._accounts[account_id] = conflict.current
+                raise
             self._accounts[account.id] = account
             return account
 
@@ -508,7 +529,7 @@ class SQLiteAccountStore:
                     db.execute(
                         "UPDATE accounts SET chatgpt_user_id = ?, plan = ?, tokens = ?,"
                         " access_expires_at = ?, last_refresh = ?, status = ?,"
-                        " status_reason = '' WHERE id = ?",
+                        " status_reason = '', token_version = token_version + 1 WHERE id = ?",
                         (
                             account.chatgpt_user_id,
                             account.plan,
@@ -523,7 +544,7 @@ class SQLiteAccountStore:
                 if db.execute("SELECT 1 FROM accounts WHERE id = ?", (account.id,)).fetchone():
                     raise StoreError(f"account id {account.id} is already used by another account")
                 db.execute(
-                    f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                    f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                     (
                         account.id,
                         account.email,
@@ -538,6 +559,7 @@ class SQLiteAccountStore:
                         account.cooldown_until,
                         json.dumps(account.usage.to_json()),
                         account.created_at,
+                        1,
                     ),
                 )
                 created = True
@@ -546,11 +568,25 @@ class SQLiteAccountStore:
         stored = await self._write(account.id, write)
         return stored, created
 
-    async def _update(self, account_id: str, assignments: str, values: tuple[Any, ...]) -> Account:
+    async def _update(
+        self, account_id: str, assignments: str, values: tuple[Any, ...],
+        *, expected_version: int | None = None,
+    ) -> Account:
         cipher = self._cipher
 
         def write(db: sqlite3.Connection) -> Account:
             with _write_transaction(db):
+                if expected_version is not None:
+                    row = db.execute(
+                        "SELECT token_version FROM accounts WHERE id = ?", (account_id,)
+                    ).fetchone()
+                    if row is None:
+                        raise AccountNotFound(account_id)
+                    if row[0] > expected_version:
+                        conflict = TokenVersionConflict(
+                            account_id, stored=row[0], expected=expected_version)
+                        conflict.current = _select(db, cipher, account_id)
+                        raise conflict
                 cursor = db.execute(
                     f"UPDATE accounts SET {assignments} WHERE id = ?", (*values, account_id)
                 )
@@ -568,17 +604,28 @@ class SQLiteAccountStore:
         access_expires_at: float | None,
         last_refresh: float,
         plan: str | None = None,
+        expected_version: int | None = None,
     ) -> Account:
-        """Persist a new token triple; it is on disk (fsync'd) when this returns."""
+        """Persist a new token triple; it is on disk (fsync'd) when this returns.
+
+        With ``expected_version``: refused (TokenVersionConflict) if a newer triple is stored.
+        """
         return await self._update(
             account_id,
-            "tokens = ?, access_expires_at = ?, last_refresh = ?, plan = COALESCE(?, plan)",
+            "tokens = ?, access_expires_at = ?, last_refresh = ?, plan = COALESCE(?, plan),"
+            " token_version = token_version + 1",
             (self._cipher.seal(tokens), access_expires_at, last_refresh, plan or None),
+            expected_version=expected_version,
         )
 
-    async def set_status(self, account_id: str, status: AccountStatus, reason: str = "") -> Account:
+    async def set_status(
+        self, account_id: str, status: AccountStatus, reason: str = "",
+        *, expected_version: int | None = None,
+    ) -> Account:
+        """With ``expected_version``: refused (TokenVersionConflict) if a newer triple is stored."""
         return await self._update(
-            account_id, "status = ?, status_reason = ?", (AccountStatus(status).value, reason)
+            account_id, "status = ?, status_reason = ?", (AccountStatus(status).value, reason),
+            expected_version=expected_version,
         )
 
     async def set_cooldown(self, account_id: str, until: float | None) -> Account:
@@ -586,6 +633,46 @@ class SQLiteAccountStore:
 
     async def set_usage(self, account_id: str, usage: Usage) -> Account:
         return await self._update(account_id, "usage = ?", (json.dumps(usage.to_json()),))
+
+    async def merge_usages(
+        self, readings: Mapping[str, Usage], merge: Callable[[Usage, Usage], Usage]
+    ) -> None:
+        """Merge live usage readings into many accounts in one short transaction (one fsync).
+
+        The merge runs inside the transaction on the stored value, so a reading written
+        meanwhile by another writer is never lost to a stale read. Usage is advisory: the
+        batch commits with ``synchronous = NORMAL`` so it does not hold the lock for an
+        fsync that a cooldown write behind it would have to wait out.
+        """
+        cipher = self._cipher
+        batch = dict(readings)
+
+        def write(db: sqlite3.Connection) -> dict[str, Account]:
+            db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                with _write_transaction(db):
+                    for account_id, reading in batch.items():
+                        row = db.execute(
+                            "SELECT usage FROM accounts WHERE id = ?", (account_id,)
+                        ).fetchone()
+                        if row is None:
+                            continue
+                        try:
+                            stored = Usage.from_json(json.loads(row[0] or "{}"))
+                        except (ValueError, TypeError, AttributeError):
+                            stored = Usage()
+                        db.execute(
+                            "UPDATE accounts SET usage = ? WHERE id = ?",
+                            (json.dumps(merge(stored, reading).to_json()), account_id),
+                        )
+                    return {a: _select(db, cipher, a) for a in batch
+                            if db.execute("SELECT 1 FROM accounts WHERE id = ?", (a,)).fetchone()}
+            finally:
+                db.execute("PRAGMA synchronous = FULL")
+
+        async with self._lock:
+            updated = await self._call(write)
+            self._accounts.update(updated)
 
     async def remove(self, account_id: str) -> None:
         def delete(db: sqlite3.Connection) -> int:

@@ -29,7 +29,12 @@ from actors.openai_compat import (
 from actors.proxy_handler import Exchange, ProxyRequest
 from actors.request_record import Surface
 from actors.supervisor import Engine
-from actors.upstream import ClientInputError, parse_event_json
+from actors.upstream import (
+    ClientInputError,
+    bad_header_error,
+    parse_event_json,
+    unsendable_header,
+)
 from service.config import Config
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -55,7 +60,16 @@ async def json_body() -> dict[str, Any]:
 
 
 def client_headers() -> tuple[tuple[str, str], ...]:
-    return tuple((k.lower(), v) for k, v in request.headers.items())
+    return checked_headers(request.headers.items())
+
+
+def checked_headers(items: Any) -> tuple[tuple[str, str], ...]:
+    """The client's headers, lowercased; a value we could not forward is the client's 400."""
+    headers = tuple((k.lower(), v) for k, v in items)
+    bad = unsendable_header(headers)
+    if bad is not None:
+        raise bad_header_error(bad)
+    return headers
 
 
 def sse_response(exchange: Exchange) -> Response:
@@ -113,8 +127,8 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
 
     @app.websocket("/backend-api/codex/responses")
     async def codex_responses_websocket() -> Response | None:
-        headers = tuple((k.lower(), v) for k, v in websocket.headers.items())
         try:
+            headers = checked_headers(websocket.headers.items())
             session = await proxy.open_websocket(ProxyRequest(
                 path="/codex/responses", headers=headers, sticky_key=sticky_key(dict(headers), None),
             ))

@@ -138,22 +138,28 @@ async def test_reused_refresh_token_takes_the_account_out_of_rotation(tmp_path, 
             assert fake_upstream.count("token", "acct-a") == calls  # never retried
 
 
-async def test_refresh_transport_failure_rotates_once_and_retries(tmp_path, fake_upstream, chaos, caplog):
+async def test_refresh_into_a_black_hole_is_not_replayed(tmp_path, fake_upstream, chaos, caplog):
+    # The refresh request went out on a pooled connection that goes nowhere: whether the
+    # auth server got it (and spent the single-use refresh token) cannot be known, so it is
+    # not replayed at once; callers keep the still-valid access token meanwhile.
     caplog.set_level(logging.DEBUG)
     with trio.fail_after(30):
         store, acct, account = await _engine_with_account(tmp_path, fake_upstream, chaos)
+        config = with_overrides(engine_config(fake_upstream, chaos),
+                                upstream={"token_header_timeout": 2.0})
         try:
-            async with open_actors(engine_config(fake_upstream, chaos), store, watch_network=False) as engine:
-                await engine.tokens.ensure_fresh(account.id, force=True)  # pools a connection
+            async with open_actors(config, store, watch_network=False) as engine:
+                first = await engine.tokens.ensure_fresh(account.id, force=True)  # pools a connection
                 chaos.blackhole_existing()
-                started = trio.current_time()
-                fresh = await engine.tokens.ensure_fresh(account.id, force=True)
-                took = trio.current_time() - started
+                with pytest.raises(TransportError):
+                    await engine.tokens.ensure_fresh(account.id, force=True)
+                assert "outcome unknown" in caplog.text
+                again = await engine.tokens.ensure_fresh(account.id, force=True)
+                assert again.tokens == first.tokens  # served, not replayed
+                assert fake_upstream.count("token") == 1  # the black hole swallowed the second
                 stats = await engine.clients.stats()
-                assert stats.rotations == {"transport": 1}
-                assert stats.generation == 2
-                assert fresh.tokens.refresh_token == acct.refresh_token
-                print(f"refresh through a black-holed pool: {took * 1000:.0f} ms (header timeout 1 s)")
+                assert stats.rotations.get("transport", 0) == 0
+                assert acct.refresh_token == first.tokens.refresh_token
         finally:
             await store.aclose()
         for secret in (acct.access_token, acct.refresh_token, acct.id_token):

@@ -129,6 +129,7 @@ async def test_round_trip_of_every_field_survives_reopen(tmp_path: Path) -> None
             status_reason="paused by admin",
             cooldown_until=1_800_000_500.0,
             usage=usage,
+            token_version=2,  # the saved triple is the account's second
         )
         assert final == expected
         assert await store.get("acc_a") == expected
@@ -298,6 +299,7 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_accounts(tmp_path: Pa
     async with open_store(tmp_path) as store:
         migrated = await store.get("acc_old")
         assert migrated.tokens == account.tokens
+        assert migrated.token_version == 1  # version 3 numbers the triples from 1
         assert migrated.status is AccountStatus.REAUTH_REQUIRED
         assert migrated.status_reason == "refresh_token_reused"
         assert migrated.usage == Usage()
@@ -305,7 +307,7 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_accounts(tmp_path: Pa
         # The columns version 2 added work.
         await store.set_cooldown("acc_old", 123.0)
         await store.set_usage("acc_old", Usage(primary=UsageWindow(used_percent=3.0)))
-    assert user_version(tmp_path) == SCHEMA_VERSION == 2
+    assert user_version(tmp_path) == SCHEMA_VERSION == 3
 
     async with open_store(tmp_path) as store:
         again = await store.get("acc_old")
