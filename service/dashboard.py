@@ -355,6 +355,13 @@ def status_text(account: dict[str, Any], now: float) -> str:
     return status.replace("_", " ")
 
 
+def _when(epoch: float) -> str:
+    """A row's time (UTC): the clock for today, with the date before it for older rows."""
+    moment = dt.datetime.fromtimestamp(float(epoch), dt.UTC)
+    today = dt.datetime.now(dt.UTC).date()
+    return moment.strftime("%H:%M:%S" if moment.date() == today else "%m-%d %H:%M:%S")
+
+
 def _clock(epoch: float) -> str:
     return dt.datetime.fromtimestamp(float(epoch), dt.UTC).strftime("%H:%M UTC")
 
@@ -392,7 +399,7 @@ def _account_rows(data: dict[str, Any]) -> str:
     for a in data["accounts"]:
         usage = a.get("usage") or {}
         last = a.get("last_error")
-        last_text = f"{last['code']} ({_clock(last['at'])})" if last else "–"
+        last_text = f"{last['code']} ({_when(last['at'])})" if last else "–"
         paused = a.get("status") == "paused"
         rows.append(
             f'<tr data-account="{_e(a["id"])}"><td><strong>{_e(a.get("email"))}</strong>'
@@ -417,7 +424,7 @@ def _request_rows(requests: list[dict[str, Any]]) -> str:
         return '<tr><td colspan="10" class="muted">No requests in the log yet.</td></tr>'
     rows = []
     for r in requests:
-        when = dt.datetime.fromtimestamp(r["started_at"], dt.UTC).strftime("%H:%M:%S")
+        when = _when(r["started_at"])
         outcome = r["error_code"] or r["terminal"] or str(r["status"])
         bad = r["error_code"] or r["status"] >= 400 or r["terminal"] in ("response.failed", "error")
         ttfe = "–" if r["ttfe_ms"] is None else f"{r['ttfe_ms']:.0f} ms"

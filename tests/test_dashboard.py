@@ -19,7 +19,9 @@ import httpx
 import pytest
 import trio
 
+from actors.request_record import RequestRecord
 from service.login import import_auth_data
+from service.request_log import open_request_log
 from service.store import SQLiteAccountStore
 from tests.proc import ServerProcess
 from tests.stack import CODEX_BODY, open_stack
@@ -65,6 +67,27 @@ def account_line(listing: str, account_id: str) -> str:
     return next(line for line in listing.splitlines() if account_id in line)
 
 
+async def seed_history(home: Path, account_ids: list[str], now: float) -> tuple[int, int]:
+    """Earlier traffic in the request log file; (rows in the last 24 h, rows in 30 d)."""
+    hourly = daily = 0
+    async with open_request_log(home) as log:
+        for age_hours in range(30 * 24 - 1, 0, -5):  # oldest first, as they would have come
+            for n in range(1 + age_hours % 3):
+                account = account_ids[(age_hours + n) % len(account_ids)]
+                failed = (age_hours + n) % 11 == 0
+                log.record(RequestRecord(
+                    started_at=now - age_hours * 3600 - n * 60,
+                    request_id=f"req_old_{age_hours}_{n}",
+                    surface="codex_http", model="gpt-5.1-codex", account_id=account,
+                    status=200, terminal="response.failed" if failed else "response.completed",
+                    error_code="server_is_overloaded" if failed else "", attempts=1, generation=1,
+                    ttfe_ms=300.0 + 40 * n, duration_ms=4000.0, input_tokens=9000 + 100 * n,
+                    cached_input_tokens=6000, output_tokens=700, reasoning_tokens=300))
+                hourly += age_hours < 23
+                daily += age_hours < 29 * 24
+    return hourly, daily
+
+
 async def seed(home: Path, fake, *specs: tuple[str, str, str]) -> dict[str, str]:
     """Import fake accounts into the store before the server starts; chatgpt id -> our id."""
     store = await SQLiteAccountStore.open(home)
@@ -102,6 +125,7 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
                             secondary_used=7.0, secondary_reset_at=soon + 4 * 86400)
     fake_upstream.set_usage("acct-b", primary_used=93.0, primary_reset_at=soon + 1800,
                             secondary_used=55.0, secondary_reset_at=soon + 6 * 86400)
+    seeded_hourly, _ = await seed_history(home, [ids["acct-a"], ids["acct-b"]], soon)
     newcomer = fake_upstream.add_account(email="c@example.com", chatgpt_account_id="acct-c",
                                          plan="team")
     upload = tmp_path / "auth.json"
@@ -115,7 +139,7 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
         with sync_playwright() as playwright:
             browser = launch(playwright)
             try:
-                page = browser.new_page(viewport={"width": 1366, "height": 900})
+                page = browser.new_page(viewport={"width": 1366, "height": 1180})
                 problems = watch_console(page)
                 page.goto(url + "/")
                 row_a = page.locator(f'#account-rows tr[data-account="{ids["acct-a"]}"]')
@@ -183,9 +207,13 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
                     el => el.querySelector('canvas') && Number(el.dataset.rendered) > 0)""",
                     timeout=15000)
                 assert page.locator("[data-chart] canvas").count() == 4
+                rendered = page.get_attribute('[data-chart="hourly:requests"]', "data-rendered")
+                assert int(rendered or 0) >= seeded_hourly + 1  # the seeded rows and the probe
                 tiles = page.locator("[data-tile=requests]").inner_text()
-                assert int(tiles) >= 1
-                page.screenshot(path=str(SHOTS / "laptop.png"), full_page=True)
+                assert int(tiles) >= seeded_hourly + 1
+                page.screenshot(path=str(SHOTS / "laptop-full.png"), full_page=True)
+                page.evaluate("window.scrollTo(0, 0)")
+                page.screenshot(path=str(SHOTS / "laptop.png"))  # the README's docs/dashboard.png
 
                 # A narrow window: nothing overflows the page sideways.
                 page.set_viewport_size({"width": 420, "height": 900})

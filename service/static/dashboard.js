@@ -66,7 +66,13 @@
   }
   const clock = (epoch) => new Date(epoch * 1000).toISOString().slice(11, 16) + " UTC";
   const clockSeconds = (epoch) => new Date(epoch * 1000).toISOString().slice(11, 19);
-  const compact = (n) => n >= 1e6 ? (n / 1e6).toFixed(1) + "M" : n >= 1e4 ? (n / 1e3).toFixed(1) + "k" : String(n);
+  // A row's time: the clock for today (UTC), the date before it for older rows.
+  const when = (epoch) => {
+    const iso = new Date(epoch * 1000).toISOString();
+    return iso.slice(0, 10) === new Date().toISOString().slice(0, 10)
+      ? iso.slice(11, 19) : `${iso.slice(5, 10)} ${iso.slice(11, 19)}`;
+  };
+  const compact = (n) => n >= 1e6 ? +(n / 1e6).toFixed(1) + "M" : n >= 1e4 ? Math.round(n / 1e3) + "k" : String(n);
 
   function statusText(a, now) {
     if (a.status === "cooling_down" && a.cooldown_until) return "cooling down until " + clock(a.cooldown_until);
@@ -118,7 +124,7 @@
     const rows = state.accounts.map((a) => {
       const usage = a.usage || {};
       const paused = a.status === "paused";
-      const last = a.last_error ? `${a.last_error.code} (${clock(a.last_error.at)})` : "–";
+      const last = a.last_error ? `${a.last_error.code} (${when(a.last_error.at)})` : "–";
       return h("tr", { "data-account": a.id },
         h("td", {}, h("strong", {}, a.email || ""), h("br"), h("small", { class: "muted" }, a.id)),
         h("td", {}, a.plan || ""),
@@ -182,7 +188,7 @@
     const rows = page.requests.map((r) => {
       const bad = r.error_code || r.status >= 400 || r.terminal === "response.failed" || r.terminal === "error";
       return h("tr", { "data-request-id": r.request_id },
-        h("td", {}, clockSeconds(r.started_at)), h("td", {}, r.account_id), h("td", {}, r.surface),
+        h("td", {}, when(r.started_at)), h("td", {}, r.account_id), h("td", {}, r.surface),
         h("td", {}, r.model), h("td", { class: bad ? "bad" : "ok" }, r.error_code || r.terminal || String(r.status)),
         h("td", { class: "num" }, `${r.attempts}/${r.failovers}`), h("td", { class: "num" }, r.generation),
         h("td", { class: "num" }, r.ttfe_ms === null ? "–" : `${Math.round(r.ttfe_ms)} ms`),
@@ -213,11 +219,12 @@
       const opts = {
         width, height: 200, legend: { show: true, live: false },
         cursor: { drag: { x: false, y: false } },
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
+        scales: { x: { time: true, range: (u, min, max) => [min - series.step / 2, max + series.step / 2] },
+          y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
         series: [{}, { label: "total", stroke: "#8a94a6", width: 1, fill: "rgba(138,148,166,0.35)", paths: bars, points: { show: false } },
           ...accounts.map((a, i) => ({ label: emails[a] || a, stroke: COLORS[i % COLORS.length], width: 2,
             points: { show: true, size: 5 } }))],
-        axes: [{}, { size: 50, values: (u, vals) => vals.map(compact) }],
+        axes: [{}, { size: 56, values: (u, vals) => vals.map(compact) }],
       };
       const plot = new uPlot(opts, data, el);
       charts.set(el, { plot, labels });
