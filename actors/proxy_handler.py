@@ -332,7 +332,7 @@ class ProxyHandler:
         return RequestStats(
             surface=request.surface or _surface_for(request.path), started_wall=self._wall_clock(),
             started=trio.current_time(), model=str(body.get("model") or ""),
-            client=client_label(request.sticky_key))
+            client=client_label(dict(request.headers).get("session-id") or request.sticky_key))
 
     def _turn_stats(
         self, request: ProxyRequest, relay: ws.TurnRelay, turn: dict[str, Any],

@@ -180,7 +180,9 @@ def register_dashboard(
     app: Quart, engine: Engine, config: Config, *, request_log: RequestLog | None = None,
     services: DashboardServices | None = None,
 ) -> None:
-    csrf_token = secrets.token_urlsafe(24)
+    # One token per process, shared with the app's request policy when it has one: browsers
+    # send it as x-csrf-token with state-changing /api calls (see service/app.py).
+    csrf_token = app.config.setdefault("CSRF_TOKEN", secrets.token_urlsafe(32))
     keys_required = bool(config.api_key_digests)
     services = services or DashboardServices(engine, config)
     cached: dict[str, Any] = {"at": -SUMMARY_SECONDS}

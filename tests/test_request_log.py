@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
+from actors.errors import ActorUnavailable, UnexpectedError
 from actors.request_record import RequestRecord, RequestStats, client_label, usage_tokens
 from service.request_log import (
     FILE_NAME,
@@ -23,6 +25,7 @@ from service.request_log import (
 )
 from service.status import run_status
 from tests.fakes.faults import Fault
+from tests.rig import Upstream, events_of, make_account, rig, turn
 from tests.stack import CODEX_BODY, open_stack, read_sse
 
 NOW = 1_800_000_000.0  # a fixed wall clock for the unit tests
@@ -206,6 +209,54 @@ async def test_a_broken_disk_loses_rows_without_failing(tmp_path: Path) -> None:
             assert await log.flush() == 0
             assert log.metrics.write_failures == 1
             assert log.pending == 0
+
+
+# --- the ProxyHandler's records, in-process (autojump clock) ---------------------------------
+
+
+async def test_the_handler_records_every_request_however_it_ends(autojump_clock) -> None:
+    records: list[RequestRecord] = []
+    upstream = Upstream()
+    upstream.event_delay = 0.5
+    async with rig([make_account(1)], upstream=upstream, on_record=records.append) as r:
+        started = trio.current_time()
+        events = await events_of(r.proxy, turn())
+        assert events[-1]["type"] == "response.completed"
+        await trio.lowlevel.checkpoint()
+        (ok,) = records
+        assert ok.status == 200
+        assert ok.terminal == "response.completed"
+        assert ok.account_id == "acc_1"
+        assert ok.attempts == 1
+        assert ok.generation == 1
+        assert ok.model == "gpt-5"
+        # The first events are held back until the upstream shows it is answering.
+        assert ok.ttfe_ms == pytest.approx(1000.0, abs=1)
+        assert ok.duration_ms == pytest.approx((trio.current_time() - started) * 1000, abs=1)
+        assert ok.client == client_label("s1")
+
+        r.store.broken["list_accounts"] = RuntimeError("a bug")
+        with pytest.raises(UnexpectedError):
+            await r.proxy.forward(turn())
+        del r.store.broken["list_accounts"]
+        r.store.fail["list_accounts"] = 1
+        with pytest.raises(ActorUnavailable):
+            await r.proxy.forward(turn())
+        await trio.lowlevel.checkpoint()
+        bug, store = records[1], records[2]
+        assert (bug.status, bug.error_code, bug.attempts) == (500, "internal_error", 0)
+        assert (store.status, store.error_code) == (503, "store_unavailable")
+        assert len({rec.request_id for rec in records}) == 3
+
+
+async def test_a_failing_sink_never_fails_a_request(autojump_clock) -> None:
+    def broken_sink(record: RequestRecord) -> None:
+        raise OSError("disk full")
+
+    async with rig([make_account(1)], on_record=broken_sink) as r:
+        for _ in range(2):
+            assert (await events_of(r.proxy, turn()))[-1]["type"] == "response.completed"
+        assert sum((await r.proxy.stats())["request_faults"].values()) == 0
 
 
 # --- the real proxy writes the rows -----------------------------------------------------------
