@@ -64,6 +64,7 @@ from actors.token_refresher import TokenHandle
 from actors.upstream import (
     TERMINAL_EVENT_TYPES,
     EventTooLarge,
+    JsonContent,
     SSEEvent,
     SSEParser,
     classify_response,
@@ -425,6 +426,7 @@ class ProxyHandler:
         reply: trio.MemorySendChannel[Any],
     ) -> None:
         fresh = await self._fresh_tokens(account_id, attempt)
+        content = await JsonContent.build(request.body) if request.body is not None else None
         async with self._clients.lease() as lease:
             if attempt.stats is not None:
                 attempt.stats.generation = lease.generation
@@ -435,8 +437,8 @@ class ProxyHandler:
                 headers=upstream_headers(
                     request.headers, access_token=fresh.tokens.access_token,
                     chatgpt_account_id=fresh.account.chatgpt_account_id,
-                ),
-                content=json.dumps(request.body).encode() if request.body is not None else None,
+                ) | (content.headers if content is not None else {}),
+                content=content,
             )
             try:
                 response = await lease.send(http_request)

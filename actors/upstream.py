@@ -21,10 +21,12 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Literal, TypeAlias
+
+import trio
 
 from actors.accounts import AccountStatus, Usage, UsageWindow
 from actors.errors import DEACTIVATED_CODES as DEACTIVATED_CODES
@@ -63,7 +65,9 @@ UPSTREAM_DROP_HEADERS = frozenset(
     {"authorization", "chatgpt-account-id", "host", "content-length", "connection",
      "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
      "accept-encoding", "cookie", "x-api-key", "api-key",
-     "remote-addr"}  # Quart's synthetic header carrying our client's address
+     "remote-addr",  # Quart's synthetic header carrying our client's address
+     "content-encoding",  # we decoded the body (service/body.py); it goes up re-encoded as JSON
+     "origin", "referer", "x-csrf-token"}  # a browser's, about our client's page: not upstream's
 )  # fmt: skip
 UPSTREAM_DROP_PREFIXES = ("proxy-", "x-forwarded-", "sec-websocket-", ":")
 
@@ -128,6 +132,116 @@ def upstream_headers(
     out["authorization"] = f"Bearer {access_token}"
     out["chatgpt-account-id"] = chatgpt_account_id
     return out
+
+
+# --- request bodies on the way up ----------------------------------------------------------
+
+JSON_SLICE = 64 * 1024
+# Strings longer than this are escaped slice by slice (json.dumps would hold two whole copies).
+JSON_BIG_STRING = 256 * 1024
+# Containers nested deeper than this are left to json.dumps whole (bounded Python recursion).
+JSON_WALK_DEPTH = 32
+_JSON_SCALARS = (int, float, bool, type(None))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _flat(values: Iterable[Any]) -> bool:
+    """Only scalars and short strings: json.dumps can take these whole, at C speed."""
+    return all(
+        isinstance(v, _JSON_SCALARS) or (isinstance(v, str) and len(v) <= JSON_BIG_STRING)
+        for v in values
+    )
+
+
+def json_pieces(value: Any, depth: int = 0) -> Iterable[str]:
+    """``json.dumps(value)`` (compact, ASCII) as pieces, none much larger than a big string slice.
+
+    The C encoder builds its whole output and then joins it, so a 30 MiB string costs two
+    extra 30 MiB copies at once; walking the containers ourselves and escaping big strings
+    slice by slice keeps the extra memory to the pieces themselves.
+    """
+    if isinstance(value, str):
+        if len(value) <= JSON_BIG_STRING:
+            yield _compact(value)
+            return
+        yield '"'
+        for start in range(0, len(value), JSON_BIG_STRING):
+            yield _compact(value[start : start + JSON_BIG_STRING])[1:-1]
+        yield '"'
+    elif isinstance(value, dict):
+        if depth >= JSON_WALK_DEPTH or _flat(value.values()) or not all(
+            isinstance(k, str) for k in value
+        ):
+            yield _compact(value)
+            return
+        yield "{"
+        for index, (key, item) in enumerate(value.items()):
+            yield ("," if index else "") + _compact(key) + ":"
+            yield from json_pieces(item, depth + 1)
+        yield "}"
+    elif isinstance(value, list | tuple):
+        if depth >= JSON_WALK_DEPTH or _flat(value):
+            yield _compact(value)
+            return
+        yield "["
+        for index, item in enumerate(value):
+            if index:
+                yield ","
+            yield from json_pieces(item, depth + 1)
+        yield "]"
+    else:
+        yield _compact(value)
+
+
+@dataclass(frozen=True, slots=True)
+class JsonContent:
+    """A JSON request body serialised once, in pieces, sent with its Content-Length.
+
+    ``json.dumps(body).encode()`` of a 30 MiB body briefly holds four copies of it; here the
+    pieces are the only copy (ASCII, so their length is the byte count) and each is encoded
+    only when it is sent. Re-iterable: a retry sends it again.
+    """
+
+    pieces: tuple[str, ...]
+    length: int
+
+    @classmethod
+    def of(cls, body: Any) -> JsonContent:
+        pieces = tuple(json_pieces(body))
+        return cls(pieces, sum(map(len, pieces)))
+
+    @classmethod
+    async def build(cls, body: Any) -> JsonContent:
+        """Like ``of``, but lets other tasks run after every MiB of output (no long stall)."""
+        pieces: list[str] = []
+        length = since_checkpoint = 0
+        for piece in json_pieces(body):
+            pieces.append(piece)
+            length += len(piece)
+            since_checkpoint += len(piece)
+            if since_checkpoint >= 1024 * 1024:
+                await trio.lowlevel.checkpoint()
+                since_checkpoint = 0
+        return cls(tuple(pieces), length)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"content-length": str(self.length)}
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        batch: list[str] = []
+        size = 0
+        for piece in self.pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= JSON_SLICE:
+                yield "".join(batch).encode("ascii")
+                batch, size = [], 0
+        if batch:
+            yield "".join(batch).encode("ascii")
 
 
 # --- server-sent events ------------------------------------------------------------------

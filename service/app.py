@@ -8,7 +8,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import secrets
 import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from quart import Quart, Response, has_websocket_context, request, websocket
@@ -20,7 +24,8 @@ from actors.errors import ActorUnavailable, ClientError, CodexLBError, openai_er
 from actors.messages import ClientStats, RotationReason
 from actors.proxy_handler import PassThrough
 from actors.supervisor import Engine
-from service.config import Config, hash_api_key
+from service.body import BodyReader
+from service.config import Config, is_loopback, presented_key_digest
 from service.dashboard import is_public_page, register_dashboard
 from service.login import LoginError, import_auth_data
 from service.surfaces import json_body, register_surfaces
@@ -28,6 +33,10 @@ from service.surfaces import json_body, register_surfaces
 log = logging.getLogger("codex_lb_trio.app")
 
 OPEN_PATHS = frozenset({"/health"})
+# Browser pages served by us send this header with state-changing /api/* calls; its value is
+# app.config["CSRF_TOKEN"] (random per process), which the page embeds. See README "Security".
+CSRF_HEADER = "x-csrf-token"
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -47,25 +56,33 @@ def create_app(
     app.config["BODY_TIMEOUT"] = None
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["PROPAGATE_EXCEPTIONS"] = False
-    key_digests = config.api_key_digests
+    # Odd paths ("..//pause") are answered 404 JSON by the route table, never a 308 to HTML.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    policy = RequestPolicy.from_config(config)
+    app.config["CSRF_TOKEN"] = policy.csrf_token
+    app.config["BODY_READER"] = BodyReader(
+        max_bytes=config.server.max_body_bytes,
+        large_bytes=config.server.large_body_bytes,
+        large_slots=config.server.large_body_slots,
+    )
     started_at = time.time()
 
     @app.before_request
-    async def check_api_key() -> Response | None:
-        if not key_digests or request.path in OPEN_PATHS or is_public_page(request.path):
-            return None
-        return _refuse_without_key(request.headers.get("authorization", ""), key_digests)
+    async def check_request_policy() -> Response | None:
+        refused = policy.refusal(method=request.method, path=request.path, headers=request.headers)
+        return error_response(refused) if refused is not None else None
 
     @app.before_websocket
-    async def check_ws_api_key() -> Response | None:
-        if not key_digests:
-            return None
-        refused = _refuse_without_key(websocket.headers.get("authorization", ""), key_digests)
-        return upgrade_refusal(refused) if refused is not None else None
+    async def check_websocket_policy() -> Response | None:
+        refused = policy.refusal(method="GET", path=websocket.path, headers=websocket.headers)
+        return upgrade_refusal(error_response(refused)) if refused is not None else None
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        if 300 <= status < 400:
+            status = 404  # a routing redirect (odd slashes): no such resource, said in JSON
         if has_websocket_context():
             method, path = "websocket", websocket.path
         else:
@@ -120,22 +137,25 @@ def create_app(
             {"status": "ok", "generation": stats.generation, "uptime_seconds": round(time.time() - started_at, 1)}
         )
 
+    @app.get("/api/csrf-token")
+    async def csrf_token() -> Response:
+        # Readable only by same-origin pages (the Origin check refuses others, and we send no
+        # CORS headers); clients without an Origin need no token at all.
+        return json_response({"csrf_token": policy.csrf_token, "header": CSRF_HEADER})
+
     @app.get("/api/clients")
     async def clients_stats() -> Response:
         return json_response((await engine.clients.stats()).to_json())
 
     @app.post("/api/clients/rotate")
     async def clients_rotate() -> Response:
-        raw = await request.get_data()
-        body: Any = None
-        if raw.strip():
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise ClientError("body must be empty or a JSON object like "
-                                  '{"seen_generation": 3}') from None
-            if not isinstance(body, dict):
-                raise ClientError('body must be a JSON object like {"seen_generation": 3}')
+        try:
+            body = await json_body(optional=True)
+        except ClientError as exc:
+            if exc.http_status != 400:
+                raise
+            raise ClientError("body must be empty or a JSON object like "
+                              f'{{"seen_generation": 3}} ({exc})') from None
         seen = body.get("seen_generation") if isinstance(body, dict) else None
         if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool)):
             raise ClientError("seen_generation must be an integer", param="seen_generation")
@@ -212,15 +232,113 @@ def upgrade_refusal(response: Response) -> Response:
     return response
 
 
-def _refuse_without_key(authorization: str, key_digests: frozenset[str]) -> Response | None:
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token:
-        digest = hash_api_key(token.strip())
-        if any(hmac.compare_digest(digest, known) for known in key_digests):
-            return None
-    err = ClientError("missing or wrong proxy API key: send Authorization: Bearer <key>", status=401)
-    err.code = "invalid_api_key"
-    return error_response(err)
+def _policy_error(message: str, code: str, status: int = 403) -> ClientError:
+    err = ClientError(message, status=status)
+    err.code = code
+    return err
+
+
+def _host_part(authority: str) -> str:
+    """The host of a Host header or URL authority, lowercase, without the port."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[: authority.find("]") + 1] if "]" in authority else authority
+    return authority.partition(":")[0] if authority.count(":") == 1 else authority
+
+
+def _authority(authority: str, scheme: str) -> str:
+    """``host:port`` with the scheme's default port made explicit, for comparing origins."""
+    authority = authority.strip().lower()
+    host = _host_part(authority)
+    port = authority[len(host):].removeprefix(":") or ("443" if scheme == "https" else "80")
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestPolicy:
+    """Who may use this server: the one check every HTTP request and WebSocket upgrade passes.
+
+    Loopback is not a trust boundary: any page the user's browser opens can send requests to
+    127.0.0.1, and DNS rebinding gives a page a name of its own that resolves to it. So:
+    the Host must be loopback or listed (unless ``trust_any_host`` with keys, behind a reverse
+    proxy); a browser's Origin must be our own page's origin or listed; a browser's
+    state-changing /api/* call must carry the CSRF token (or the key); with keys configured,
+    every route but /health needs one. Keys are compared as SHA-256 digests.
+    """
+
+    key_digests: frozenset[bytes]
+    allowed_hosts: frozenset[str]
+    allowed_origins: frozenset[str]
+    trust_any_host: bool
+    csrf_token: str
+
+    @classmethod
+    def from_config(cls, config: Config) -> RequestPolicy:
+        return cls(
+            key_digests=config.api_key_digests,
+            allowed_hosts=frozenset(h.lower() for h in config.server.allowed_hosts),
+            allowed_origins=frozenset(o.lower().rstrip("/") for o in config.server.allowed_origins),
+            trust_any_host=config.server.trust_any_host,
+            csrf_token=secrets.token_urlsafe(32),
+        )
+
+    def host_allowed(self, host_header: str) -> bool:
+        host = _host_part(host_header)
+        # No Host at all (HTTP/1.0) cannot be a rebinding page: browsers always send one.
+        return not host or is_loopback(host) or host.strip("[]") in {
+            h.strip("[]") for h in self.allowed_hosts
+        }
+
+    def origin_allowed(self, origin: str, host_header: str) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if origin in self.allowed_origins:
+            return True
+        parts = urllib.parse.urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or not host_header:
+            return False  # includes "null" (sandboxed frames, file:// pages)
+        # Same origin: a page we served, under the Host this request came to.
+        return _authority(parts.netloc, parts.scheme) == _authority(host_header, parts.scheme)
+
+    def key_ok(self, authorization: str) -> bool:
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return False
+        digest = presented_key_digest(token)
+        # Every digest is compared (no early exit), each in constant time.
+        matches = [hmac.compare_digest(digest, known) for known in self.key_digests]
+        return any(matches)
+
+    def refusal(self, *, method: str, path: str, headers: Mapping[str, str]) -> ClientError | None:
+        host = headers.get("host", "")
+        if not self.trust_any_host and not self.host_allowed(host):
+            return _policy_error(
+                f"Host {_shown(_host_part(host))} is not served here: use 127.0.0.1 or localhost, "
+                "or list the name in server.allowed_hosts", "host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin, host):
+            return _policy_error(
+                f"requests from web pages at {_shown(origin)} are refused; list the origin in "
+                "server.allowed_origins to allow it", "origin_not_allowed")
+        authorized = bool(self.key_digests) and self.key_ok(headers.get("authorization", ""))
+        if (self.key_digests and path not in OPEN_PATHS and not is_public_page(path)
+                and not authorized):
+            return _policy_error("missing or wrong proxy API key: send Authorization: Bearer <key>",
+                                 "invalid_api_key", 401)
+        from_browser = origin is not None or "sec-fetch-site" in headers
+        if (from_browser and not authorized and method in STATE_CHANGING_METHODS
+                and path.startswith("/api/")):
+            sent = headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent.encode("utf-8", "replace"), self.csrf_token.encode()):
+                return _policy_error(
+                    f"a browser's {method} to {_shown(path)} needs the {CSRF_HEADER} header of "
+                    "the page this server served (or the proxy API key)", "csrf_token_invalid")
+        return None
+
+
+def _shown(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def render_request_faults(faults: dict[str, int]) -> str:

@@ -91,9 +91,12 @@ def _with_store(config: Config, work: Callable[[Any], Any]) -> Any:
 
 
 def _report_import(result: Any) -> None:
+    from service.status import printable
+
     verb = "added" if result.created else "updated"
     account = result.account
-    print(f"{verb} account {account.id} ({account.email or account.chatgpt_account_id}, plan {account.plan})")
+    print(printable(f"{verb} account {account.id} "
+                    f"({account.email or account.chatgpt_account_id}, plan {account.plan})"))
     if result.warning:
         print(f"warning: {result.warning}", file=sys.stderr)
 
@@ -189,12 +192,19 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         overrides["port"] = args.port
     if overrides:
         config = with_overrides(config, server=overrides)
+    from service.store import StoreError
+
     try:
         trio.run(serve, config)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
     except BaseExceptionGroup as group:
         os_errors, rest = group.split(OSError)
         if os_errors is not None and rest is None:
             raise CommandError(_describe_os_error(_leaf(os_errors), config)) from None
+        store_errors, rest = group.split(StoreError)
+        if store_errors is not None and rest is None:
+            raise CommandError(str(_leaf(store_errors))) from None
         raise
     return EXIT_OK
 

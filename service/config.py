@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
+import math
 import os
+import re
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,16 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     drain_seconds: float = 30.0
     log_level: str = "info"
+    # Bodies larger than large_body_bytes take one of large_body_slots while they are read,
+    # so a few big requests at once cannot exhaust memory (the others wait their turn).
+    large_body_bytes: int = 1024 * 1024
+    large_body_slots: int = 2
+    # Host names (besides loopback) this server answers to; see README "Security".
+    allowed_hosts: tuple[str, ...] = ()
+    # Browser origins (scheme://host[:port]) allowed besides our own same-origin pages.
+    allowed_origins: tuple[str, ...] = ()
+    # Behind a reverse proxy that rewrites Host: skip the Host check (needs [auth] api_keys).
+    trust_any_host: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,15 +121,40 @@ class Config:
         return Path(raw).expanduser()
 
     @property
-    def api_key_digests(self) -> frozenset[str]:
-        return frozenset(hash_api_key(k) for k in self.auth.api_keys)
+    def api_key_digests(self) -> frozenset[bytes]:
+        """The SHA-256 digests of the configured keys (a configured digest is taken as is)."""
+        return frozenset(stored_key_digest(k) for k in self.auth.api_keys)
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ::1 (brackets allowed)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+API_KEY_MIN_LENGTH = 16
+_DIGEST_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
+
+
+def stored_key_digest(key: str) -> bytes:
+    """A configured key as kept in memory: its SHA-256 digest (``sha256:<hex>`` is one already)."""
+    if key.startswith("sha256:"):
+        return bytes.fromhex(key.removeprefix("sha256:"))
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def presented_key_digest(key: str) -> bytes:
+    """The digest of a key a client sent. Always hashed: a digest is never accepted as a key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def hash_api_key(key: str) -> str:
-    """A key as kept in memory: its SHA-256 hex digest (already-hashed keys pass through)."""
-    if key.startswith("sha256:"):
-        return key.removeprefix("sha256:").lower()
-    return hashlib.sha256(key.encode()).hexdigest()
+    """``sha256:<hex>`` for a plain key: the form to put in config.toml instead of the key."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -148,7 +187,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if typing.get_origin(tp) is tuple and isinstance(value, list):
         if all(isinstance(v, str) for v in value):
             return tuple(value)
-    raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    shown = "a value that is not shown" if key.startswith("auth.") else _shown(value)
+    raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {shown}")
 
 
 def _build_section(name: str, cls: type[Any], raw: Any) -> Any:
@@ -159,35 +199,156 @@ def _build_section(name: str, cls: type[Any], raw: Any) -> Any:
     for key, value in raw.items():
         if key not in hints:
             known = ", ".join(hints)
-            raise ConfigError(f"config key {name}.{key}: unknown key; known keys are {known}")
+            raise ConfigError(
+                f"config key {name}.{_name(key)}: unknown key; known keys are {known}")
         values[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**values)
 
 
-def _validate(config: Config) -> None:
-    positive = [
-        ("server.port", config.server.port, 0, 65535),
-        ("upstream.connect_timeout", config.upstream.connect_timeout, 0, None),
-        ("upstream.header_timeout", config.upstream.header_timeout, 0, None),
-        ("upstream.stream_idle_timeout", config.upstream.stream_idle_timeout, 0, None),
-        ("upstream.dead_path_silence", config.upstream.dead_path_silence, 0, None),
-        ("client.drain_timeout", config.client.drain_timeout, 0, None),
-        ("client.shutdown_grace", config.client.shutdown_grace, 0, None),
-        ("client.watch_interval", config.client.watch_interval, 0, None),
-        ("routing.max_attempts", config.routing.max_attempts, 1, None),
-        ("server.max_body_bytes", config.server.max_body_bytes, 1, None),
-        ("storage.request_log_days", config.storage.request_log_days, 0, None),
-    ]
-    for key, value, low, high in positive:
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"config key {key}: expected a value {bound}, got {value!r}")
-    for key, url in (
-        ("upstream.base_url", config.upstream.base_url),
-        ("upstream.auth_base_url", config.upstream.auth_base_url),
+# --- validation ------------------------------------------------------------------------
+# One rule per key, looked up by "section.key". A numeric key without a rule of its own must
+# be finite and not negative (DEFAULT_NUMBER); give a new key its own rule when it has a
+# tighter range. A rule returns None when the value is fine, else what the key expects.
+
+Rule = Callable[[Any], str | None]
+
+
+def number(low: float, high: float, *, low_open: bool = False) -> Rule:
+    """A finite number in [low, high] (or (low, high] when ``low_open``)."""
+
+    def check(value: Any) -> str | None:
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            lower = f"more than {low:g}" if low_open else f"at least {low:g}"
+            return f"a finite number {lower} and at most {high:g}"
+        return None
+
+    return check
+
+
+def choice(*allowed: str) -> Rule:
+    def check(value: Any) -> str | None:
+        return None if value in allowed else "one of " + ", ".join(allowed)
+
+    return check
+
+
+def each(rule: Rule, *, secret: bool = False) -> Rule:
+    """A rule applied to every item of a list (a secret item is counted, never shown)."""
+
+    def check(values: Any) -> str | None:
+        for index, item in enumerate(values):
+            problem = rule(item)
+            if problem is not None:
+                which = f"item {index + 1}" if secret else f"item {_shown(item)}"
+                return f"{problem}; bad {which}"
+        return None
+
+    return check
+
+
+def _http_url(value: Any) -> str | None:
+    if re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value) is None:
+        return "an http(s) URL like https://host/path"
+    return None
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+
+
+def _host_name(value: Any) -> str | None:
+    if _HOST_NAME.fullmatch(value) is None:
+        return "host names like proxy.lan or 192.168.1.5 (no scheme, no port)"
+    return None
+
+
+def _origin(value: Any) -> str | None:
+    if re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value) is None:
+        return "origins like https://proxy.example.com (scheme and host, optional port, no path)"
+    return None
+
+
+def _api_key(value: Any) -> str | None:
+    if value.startswith("sha256:"):
+        if _DIGEST_KEY.fullmatch(value) is None:
+            return "sha256: followed by 64 hex digits"
+        return None
+    if len(value) < API_KEY_MIN_LENGTH or not value.isprintable() or not value.isascii() or (
+        any(c.isspace() for c in value)
     ):
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"config key {key}: expected an http(s) URL, got {url!r}")
+        return (f"keys of at least {API_KEY_MIN_LENGTH} printable ASCII characters without "
+                "spaces (e.g. from `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return None
+
+
+DEFAULT_NUMBER: Rule = number(0, 1e12)
+
+RULES: dict[str, Rule] = {
+    "server.port": number(0, 65535),
+    "server.max_body_bytes": number(1024, 2**31),
+    "server.drain_seconds": number(0, 3600),
+    "server.log_level": choice("debug", "info", "warning", "error", "critical"),
+    "server.large_body_bytes": number(1024, 2**31),
+    "server.large_body_slots": number(1, 64),
+    "server.allowed_hosts": each(_host_name),
+    "server.allowed_origins": each(_origin),
+    "upstream.base_url": _http_url,
+    "upstream.auth_base_url": _http_url,
+    "upstream.connect_timeout": number(0, 3600, low_open=True),
+    "upstream.header_timeout": number(0, 3600, low_open=True),
+    "upstream.stream_idle_timeout": number(0, 86400, low_open=True),
+    "upstream.dead_path_silence": number(0, 3600, low_open=True),
+    "upstream.write_timeout": number(0, 3600, low_open=True),
+    "client.rotation_cooldown": number(0, 3600),
+    "client.drain_timeout": number(0, 86400, low_open=True),
+    "client.shutdown_grace": number(0, 3600),
+    "client.keepalive_idle": number(1, 32767),
+    "client.keepalive_interval": number(1, 32767),
+    "client.keepalive_count": number(1, 127),
+    "client.max_connections": number(1, 100_000),
+    "client.watch_interval": number(0, 3600, low_open=True),
+    "client.wake_threshold": number(0, 86400, low_open=True),
+    "refresh.token_margin": number(0, 86400),
+    "refresh.token_spacing": number(0, 3600),
+    "refresh.token_jitter": number(0, 3600),
+    "refresh.models_interval": number(1, 86400),
+    "refresh.usage_interval": number(1, 86400),
+    "refresh.usage_concurrency": number(1, 64),
+    "routing.max_attempts": number(1, 100),
+    "routing.default_cooldown": number(0, 7 * 86400),
+    "auth.api_keys": each(_api_key, secret=True),
+    "storage.request_log_days": number(0, 36_500),
+}
+
+
+def _shown(value: Any) -> str:
+    """A value for an error line: never a whole key, never a control character."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _name(key: str) -> str:
+    """A key from the file as it may be printed: odd characters escaped."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key) else _shown(key)
+
+
+def _validate(config: Config) -> None:
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for item in dataclasses.fields(values):
+            key = f"{section.name}.{item.name}"
+            value = getattr(values, item.name)
+            rule = RULES.get(key)
+            if rule is None and isinstance(value, int | float) and not isinstance(value, bool):
+                rule = DEFAULT_NUMBER
+            problem = rule(value) if rule is not None else None
+            if problem is not None:
+                got = "" if key == "auth.api_keys" else f", got {_shown(value)}"
+                raise ConfigError(f"config key {key}: expected {problem}{got}")
+    if config.server.trust_any_host and not config.auth.api_keys:
+        raise ConfigError("config key server.trust_any_host: needs [auth] api_keys = [\"...\"] "
+                          "(any page could reach the pool otherwise); or list the names in "
+                          "server.allowed_hosts instead")
 
 
 def parse_config(data: dict[str, Any]) -> Config:
@@ -196,7 +357,8 @@ def parse_config(data: dict[str, Any]) -> Config:
     for name, raw in data.items():
         if name not in _SECTIONS:
             known = ", ".join(f"[{s}]" for s in _SECTIONS)
-            raise ConfigError(f"config key [{name}]: unknown section; known sections are {known}")
+            raise ConfigError(
+                f"config key [{_name(name)}]: unknown section; known sections are {known}")
         sections[name] = _build_section(name, _SECTIONS[name], raw)
     config = Config(**sections)
     _validate(config)
@@ -222,6 +384,8 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         return Config()
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text (is it a TOML file?)") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found; create it or fix the path") from None
     except OSError as exc:
@@ -229,8 +393,12 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"config file {path}: not valid TOML ({_one_line(str(exc))})") from None
     return parse_config(data)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.encode("ascii", "backslashreplace").decode().split())[:200]
 
 
 def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:

@@ -21,6 +21,7 @@ import html
 import json
 import math
 import os
+import re
 import secrets
 import time
 import urllib.parse
@@ -41,7 +42,6 @@ from actors.accounts import (
     identity_from_id_token,
     jwt_claims,
     new_account_id,
-    token_expiry,
 )
 
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
@@ -87,6 +87,92 @@ def shared_token_warning(path: Path | None = None) -> str:
     )
 
 
+# --- checks at the door ----------------------------------------------------------------------
+# Whatever an import or a login brings is checked before it is stored: a value that could break
+# an upstream header (non-latin-1, CR/LF), a JSON document (NaN, infinity) or a terminal
+# (escape codes) is refused with a LoginError naming the field.
+
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# An access token goes into "Authorization: Bearer …": RFC 6750's b64token (a JWT is one).
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+_REFRESH_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII: no space, CR, LF or controls
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:|@-]*")
+_PLAN = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_TOKEN_CHARS = 64 * 1024
+MAX_ID_CHARS = 128
+MAX_EMAIL_CHARS = 254
+# Timestamps must be real dates: after 2000-01-01 and before 2200-01-01.
+MIN_EPOCH, MAX_EPOCH = 946_684_800.0, 7_258_118_400.0
+
+
+def _field_error(field: str, expected: str) -> LoginError:
+    return LoginError(f"{field} is not usable: expected {expected}")
+
+
+def check_jwt(field: str, value: str) -> None:
+    """An id or access token: three base64url segments, of a sane length."""
+    if len(value) > MAX_TOKEN_CHARS or _JWT.fullmatch(value) is None:
+        raise LoginError(f"the {field} is not a readable JWT: expected three base64url "
+                         f"segments, at most {MAX_TOKEN_CHARS} characters")
+
+
+def check_access_token(value: str) -> None:
+    if len(value) > MAX_TOKEN_CHARS or _BEARER_TOKEN.fullmatch(value) is None:
+        raise _field_error("access_token", "a bearer token (a JWT: base64url segments joined by "
+                                           f"dots), at most {MAX_TOKEN_CHARS} characters")
+
+
+def check_refresh_token(value: str) -> None:
+    if len(value) > MAX_TOKEN_CHARS or _REFRESH_TOKEN.fullmatch(value) is None:
+        raise _field_error("refresh_token", "printable ASCII without spaces or line breaks, "
+                                            f"at most {MAX_TOKEN_CHARS} characters")
+
+
+def check_identifier(field: str, value: str, *, optional: bool = False) -> None:
+    if optional and not value:
+        return
+    if len(value) > MAX_ID_CHARS or _ACCOUNT_ID.fullmatch(value) is None:
+        raise _field_error(field, f"letters, digits and . _ : | @ - only, at most {MAX_ID_CHARS} "
+                                  "characters")
+
+
+def check_email(value: str) -> None:
+    if not value:
+        return
+    if (len(value) > MAX_EMAIL_CHARS or not value.isprintable() or "@" not in value
+            or any(c.isspace() for c in value)):
+        raise _field_error("email", f"an address like name@example.com without spaces or "
+                                    f"control characters, at most {MAX_EMAIL_CHARS} characters")
+
+
+def check_timestamp(field: str, value: Any) -> float:
+    """A finite epoch time between 2000 and 2200 (a JSON number), as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _field_error(field, "a number of seconds since 1970")
+    if isinstance(value, int) and not MIN_EPOCH <= value <= MAX_EPOCH:
+        raise _field_error(field, "a date between the years 2000 and 2200")
+    number = float(value)
+    if not math.isfinite(number) or not MIN_EPOCH <= number <= MAX_EPOCH:
+        raise _field_error(field, "a date between the years 2000 and 2200")
+    return number
+
+
+def check_account(account: Account) -> None:
+    """Everything of a new account that will reach a header, a JSON answer or a terminal."""
+    check_jwt("id_token", account.tokens.id_token)
+    check_access_token(account.tokens.access_token)
+    check_refresh_token(account.tokens.refresh_token)
+    check_identifier("chatgpt_account_id", account.chatgpt_account_id)
+    check_identifier("chatgpt_user_id", account.chatgpt_user_id, optional=True)
+    check_email(account.email)
+    if len(account.plan) > 64 or _PLAN.fullmatch(account.plan) is None:
+        raise _field_error("chatgpt_plan_type", "a plan name like plus or pro")
+    for field, value in (("access token exp", account.access_expires_at),
+                         ("last_refresh", account.last_refresh)):
+        if value is not None:
+            check_timestamp(field, value)
+
+
 # --- tokens → Account ---------------------------------------------------------------------
 
 
@@ -104,6 +190,9 @@ def _account_from_tokens(
     now: float,
     expires_in: Any = None,
 ) -> Account:
+    check_jwt("id_token", tokens.id_token)
+    check_access_token(tokens.access_token)
+    check_refresh_token(tokens.refresh_token)
     if not jwt_claims(tokens.id_token):
         raise LoginError("the id_token is not a readable JWT")
     identity = identity_from_id_token(tokens.id_token, fallback_account_id=fallback_account_id)
@@ -112,14 +201,17 @@ def _account_from_tokens(
             "the id_token carries no ChatGPT account id (chatgpt_account_id): "
             "log in with a ChatGPT account"
         )
-    expires_at = token_expiry(tokens.access_token)
+    exp = jwt_claims(tokens.access_token).get("exp")
+    expires_at = check_timestamp("access token exp", exp) if exp is not None else None
     if (
         expires_at is None
         and isinstance(expires_in, int | float)
         and not isinstance(expires_in, bool)
     ):
+        if not 0 < expires_in <= 10 * 365 * 86400:
+            raise _field_error("expires_in", "a number of seconds up to ten years")
         expires_at = now + float(expires_in)
-    return Account(
+    account = Account(
         id=new_account_id(),
         email=identity.email,
         chatgpt_account_id=identity.chatgpt_account_id,
@@ -130,18 +222,21 @@ def _account_from_tokens(
         last_refresh=last_refresh,
         created_at=now,
     )
+    check_account(account)
+    return account
 
 
 def _parse_timestamp(value: Any) -> float | None:
-    """auth.json's ``last_refresh`` (RFC 3339) as epoch seconds, or None."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value:
+    """auth.json's ``last_refresh`` (RFC 3339 or epoch seconds), or None; LoginError if absurd."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            return None
-    return None
+            parsed = datetime.fromisoformat(value).timestamp()
+        except (ValueError, OverflowError, OSError):
+            return None  # unreadable: the import time stands in (it only schedules a refresh)
+        return check_timestamp("last_refresh", parsed)
+    return check_timestamp("last_refresh", value)
 
 
 def parse_auth_json(data: Any, *, now: float) -> Account:
@@ -169,6 +264,10 @@ def parse_auth_json(data: Any, *, now: float) -> Account:
         if not isinstance(value, str) or not value:
             raise LoginError(f"auth data has no {name}: run `codex login` again, then import")
     account_id = tokens.get("account_id")
+    if account_id is not None and not isinstance(account_id, str):
+        raise _field_error("account_id", "a string")
+    if account_id:
+        check_identifier("account_id", account_id)
     return _account_from_tokens(
         TokenSet(
             access_token=tokens["access_token"],
@@ -415,6 +514,11 @@ class _CallbackServer:
             )
         return self._result
 
+    def _state_matches(self, query: str) -> bool:
+        state = urllib.parse.parse_qs(query).get("state", [""])[0]
+        return secrets.compare_digest(state.encode("utf-8", "replace"),
+                                      self._expected_state.encode())
+
     def _check(self, query: str) -> str:
         params = urllib.parse.parse_qs(query)
 
@@ -426,11 +530,6 @@ class _CallbackServer:
             detail = f" ({_one_line(description)})" if description else ""
             reason = _one_line(first("error"))
             raise LoginError(f"the auth server refused the login: {reason}{detail}")
-        if not secrets.compare_digest(first("state").encode(), self._expected_state.encode()):
-            raise LoginError(
-                "the login callback has the wrong state (a stale or foreign login attempt); "
-                "run the login again"
-            )
         code = first("code")
         if not code:
             raise LoginError("the login callback carries no authorization code")
@@ -446,6 +545,14 @@ class _CallbackServer:
             path, _, query = target.partition("?")
             if path != CALLBACK_PATH:
                 await _respond(stream, connection, 404, _page("Not found", "Nothing here."))
+                return
+            if not self._state_matches(query):
+                # A stale tab or a foreign page (anything local can reach this port) must not
+                # end the login in progress: refuse it and keep waiting for the real callback.
+                await _respond(stream, connection, 400, _page(
+                    "Wrong login state",
+                    "This callback does not belong to the login in progress; it was ignored.",
+                ))
                 return
             if self._claimed:
                 await _respond(
@@ -724,7 +831,12 @@ def _usage_text(account: Account) -> str:
 
 
 def format_accounts_table(accounts: list[Account], now: float) -> str:
-    """The `accounts list` table: id, email, plan, status, token expiry, usage. No tokens."""
+    """The `accounts list` table: id, email, plan, status, token expiry, usage. No tokens.
+
+    Every cell is escaped for the terminal (``service.status.printable``).
+    """
+    from service.status import printable
+
     if not accounts:
         return (
             "no accounts yet: add one with `codex-lb-trio accounts import` "
@@ -738,10 +850,10 @@ def format_accounts_table(accounts: list[Account], now: float) -> str:
             status += f" ({_relative(account.cooldown_until - now)})"
         rows.append(
             (
-                account.id,
-                account.email or "-",
-                account.plan,
-                status,
+                printable(account.id),
+                printable(account.email or "-"),
+                printable(account.plan),
+                printable(status),
                 _expiry_text(account.access_expires_at, now),
                 _usage_text(account),
             )

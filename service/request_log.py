@@ -207,7 +207,14 @@ class RequestLog:
             db.executescript(SCHEMA)
             return db
 
-        self._db = await trio.to_thread.run_sync(connect, limiter=self._db_limiter)
+        try:
+            self._db = await trio.to_thread.run_sync(connect, limiter=self._db_limiter)
+        except (sqlite3.Error, OSError) as exc:
+            from service.store import StoreError
+
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StoreError(f"the request log {self.path} cannot be opened ({reason}); "
+                             "check the data directory (storage.home)") from None
 
     async def run(
         self, *, task_status: trio.TaskStatus[RequestLog] = trio.TASK_STATUS_IGNORED,

@@ -8,7 +8,6 @@ for up to ``client.shutdown_grace``); then the store closes.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 from collections.abc import Callable
@@ -22,20 +21,11 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from actors.supervisor import Engine, open_actors
 from service.app import create_app
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, is_loopback
 from service.dashboard import open_dashboard_services
 from service.request_log import open_request_log
 
 log = logging.getLogger("codex_lb_trio.server")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(config: Config) -> None:

@@ -9,6 +9,7 @@ usage windows as bars, then the upstream client generations. Every failure is on
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -17,6 +18,19 @@ import httpx
 
 TIMEOUT = 5.0
 BAR_CELLS = 10
+
+
+def printable(value: object) -> str:
+    """Text safe for a terminal: control, format and unpaired surrogate characters escaped.
+
+    Emails and ids come from imported tokens; an escape sequence in one could clear the
+    screen or forge lines of our output.
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 class StatusError(Exception):
@@ -105,10 +119,10 @@ def _message(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text.strip()[:200] or "no details"
+        return printable(response.text.strip()[:200]) or "no details"
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
+        return printable(error["message"])
     return "no details"
 
 
@@ -144,20 +158,24 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) and abs(number) < 1e12 else None
     return None
 
 
 def _account_lines(account: dict[str, Any], now: float) -> list[str]:
-    status = str(account.get("status") or "unknown")
+    status = printable(account.get("status") or "unknown")
     reason = account.get("status_reason")
     if reason and status in ("reauth_required", "deactivated"):
-        status += f" ({reason})"
+        status += f" ({printable(reason)})"
     cooldown = _number(account.get("cooldown_until"))
     if cooldown is not None and cooldown > now:
         local = dt.datetime.fromtimestamp(cooldown).strftime("%H:%M")
         status += f" until {local} (in {_duration(cooldown - now)})"
-    head = "  ".join(str(account.get(k) or "-") for k in ("id", "email", "plan"))
+    head = "  ".join(printable(account.get(k) or "-") for k in ("id", "email", "plan"))
     lines = [f"  {head}  {status}"]
     usage = _dict(account.get("usage"))
     shown = False
@@ -183,11 +201,12 @@ def _client_lines(clients: Any) -> list[str]:
     current = clients.get("generation")
     leases = _dict(clients.get("leases"))
     retired = {str(g) for g in clients.get("retired") or []}
-    lines = [f"upstream clients: generation {current}"]
+    lines = [f"upstream clients: generation {printable(current)}"]
     for generation, held in sorted(leases.items(), key=lambda item: int(item[0])):
         role = "retired, draining" if generation in retired else "current"
-        lines.append(f"  generation {generation}  {role}  leases={held}")
+        lines.append(printable(f"  generation {generation}  {role}  leases={held}"))
     rotations = _dict(clients.get("rotations"))
     summary = ", ".join(f"{reason}={n}" for reason, n in sorted(rotations.items())) or "none"
-    lines.append(f"  rotations: {summary}; force-closes: {clients.get('force_closes', 0)}")
+    lines.append(printable(
+        f"  rotations: {summary}; force-closes: {clients.get('force_closes', 0)}"))
     return lines

@@ -26,7 +26,9 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -48,6 +50,8 @@ from actors.accounts import (
     TokenVersionConflict,
     Usage,
 )
+
+log = logging.getLogger("codex_lb_trio.store")
 
 STORE_FILENAME = "store.db"
 KEY_FILENAME = "secret.key"
@@ -146,28 +150,52 @@ def _migrate(db: sqlite3.Connection, db_path: Path) -> None:
 # --- the key file and the token cipher --------------------------------------------------
 
 
+def _open_private(path: Path, flags: int, what: str) -> int:
+    """Open ``path`` without following a symlink and make it 0600 (through the fd, not the name).
+
+    A symlinked key or store is refused: chmod-ing through it would change its target (run as
+    root, any file on the system).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise StoreError(
+                f"{what} {path} is a symbolic link; refusing to use it: replace it with the "
+                "file itself"
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"{what} {path} is not a regular file")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError:
+                raise StoreError(
+                    f"{what} {path} is accessible by other users (mode {mode:o}) and "
+                    f"cannot be tightened: run `chmod 600 {path}`"
+                ) from None
+            log.warning("%s %s was readable by other users (mode %o); now 0600", what, path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _read_key(key_path: Path) -> bytes:
     """Read the key, tightening its mode to 0600 if it is wider."""
-    info = os.stat(key_path)
-    if not stat.S_ISREG(info.st_mode):
-        raise StoreError(f"key file {key_path} is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        try:
-            os.chmod(key_path, 0o600)
-        except OSError:
-            raise StoreError(
-                f"key file {key_path} is accessible by other users (mode {mode:o}) and "
-                f"cannot be tightened: run `chmod 600 {key_path}`"
-            ) from None
-    with open(key_path, "rb") as key_file:
+    fd = _open_private(key_path, os.O_RDONLY, "key file")
+    with os.fdopen(fd, "rb") as key_file:
         return key_file.read().strip()
 
 
 def _load_or_create_key(key_path: Path) -> bytes:
     """The Fernet key of this data dir, created (mode 0600) on first use."""
     try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         key = _read_key(key_path)
         # Another process may have created the file a moment ago and not written it yet.
@@ -190,6 +218,20 @@ def _load_or_create_key(key_path: Path) -> bytes:
             "characters); restore the original key file"
         ) from None
     return key
+
+
+def _check_data_dir(home: Path, *, created: bool) -> None:
+    """Tighten a data dir we just made; warn (once per open) about one others can read."""
+    mode = stat.S_IMODE(os.stat(home).st_mode)
+    if not mode & 0o077:
+        return
+    if created:
+        os.chmod(home, 0o700)
+        return
+    log.warning(
+        "data dir %s is accessible by other users (mode %o): the store and its key are 0600, "
+        "but run `chmod 700 %s` to keep others from seeing even their names", home, mode, home
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -303,8 +345,17 @@ def _row_to_account(row: tuple[Any, ...], cipher: _TokenCipher) -> Account:
 
 
 def _load_all(db: sqlite3.Connection, cipher: _TokenCipher) -> dict[str, Account]:
+    """Every readable account; a row that cannot be read is reported and skipped, not fatal."""
     rows = db.execute(f"SELECT {_COLUMNS} FROM accounts").fetchall()
-    return {row[0]: _row_to_account(row, cipher) for row in rows}
+    accounts: dict[str, Account] = {}
+    for row in rows:
+        try:
+            accounts[row[0]] = _row_to_account(row, cipher)
+        except StoreError as exc:
+            shown = repr(row[0])[:80]
+            log.warning("skipping account %s in store.db: %s; remove it with "
+                        "`codex-lb-trio accounts remove ID` and add it again", shown, exc)
+    return accounts
 
 
 def _select(db: sqlite3.Connection, cipher: _TokenCipher, account_id: str) -> Account:
@@ -373,9 +424,10 @@ class SQLiteAccountStore:
         db_path = home / STORE_FILENAME
         key_path = home / KEY_FILENAME
         try:
+            created = not home.exists()
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not db_path.exists():
-                os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+            _check_data_dir(home, created=created)
+            os.close(_open_private(db_path, os.O_RDWR | os.O_CREAT, "store"))
             key = _load_or_create_key(key_path)
         except OSError as exc:
             raise StoreError(f"cannot use the data dir {home}: {exc.strerror}") from None

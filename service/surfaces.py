@@ -11,10 +11,10 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, overload
 
 import trio
-from quart import Quart, Response, request, websocket
+from quart import Quart, Response, current_app, request, websocket
 
 from actors.balancer import sticky_key
 from actors.errors import ClientError, CodexLBError, InvalidResponse
@@ -35,28 +35,35 @@ from actors.upstream import (
     parse_event_json,
     unsendable_header,
 )
+from service.body import BodyReader
 from service.config import Config
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-async def json_body() -> dict[str, Any]:
-    """The request's JSON object, or a ClientError saying what is wrong with it."""
-    content_type = request.headers.get("content-type", "")
-    if "json" not in content_type.lower():
-        raise ClientError(
-            f"expected Content-Type: application/json, got {content_type or 'none'}", status=415
-        )
-    raw = await request.get_data(cache=False)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ClientError(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ClientError("request body is not valid JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ClientError("request body must be a JSON object")
-    return body
+@overload
+async def json_body() -> dict[str, Any]: ...
+@overload
+async def json_body(*, optional: bool) -> dict[str, Any] | None: ...
+
+
+async def json_body(*, optional: bool = False) -> dict[str, Any] | None:
+    """The request's JSON object, or a ClientError saying what is wrong with it.
+
+    Read by the app's BodyReader (service/body.py): streamed, bounded, decoded, parsed once.
+    """
+    reader: BodyReader = current_app.config["BODY_READER"]
+    return await reader.json_object(optional=optional)
+
+
+def stream_flag(body: dict[str, Any]) -> bool:
+    """``stream`` must be a JSON boolean: ``"false"`` is a string, and strings are truthy."""
+    value = body.get("stream", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ClientError("stream must be true or false (a JSON boolean)", param="stream")
+    return value
 
 
 def client_headers() -> tuple[tuple[str, str], ...]:
@@ -115,6 +122,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
 
     async def forward_codex(path: str, *, stream: bool) -> Exchange:
         body = await json_body()
+        stream_flag(body)
         headers = client_headers()
         return await proxy.forward(ProxyRequest(
             path=path, headers=headers, body=body, stream=stream,
@@ -188,7 +196,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
     @app.post("/v1/responses")
     async def v1_responses() -> Response:
         body = await json_body()
-        wants_stream = bool(body.get("stream", False))
+        wants_stream = stream_flag(body)
         try:
             upstream_body = responses_request_for_upstream(body, default_instructions="")
         except ClientInputError as exc:
@@ -205,6 +213,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
     @app.post("/v1/chat/completions")
     async def v1_chat_completions() -> Response:
         body = await json_body()
+        wants_stream = stream_flag(body)
         try:
             upstream_body = chat_to_responses_request(body)
         except ClientInputError as exc:
@@ -216,7 +225,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
             path="/codex/responses", headers=headers, body=upstream_body,
             sticky_key=sticky_key(dict(headers), upstream_body), surface=Surface.CHAT,
         ))
-        if not body.get("stream"):
+        if not wants_stream:
             final = await collect_final_response(exchange)
             return _json(chat_completion_from_response(final, model, created, completion_id))
         options = body.get("stream_options")

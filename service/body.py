@@ -1,0 +1,284 @@
+"""Reading request bodies with bounded memory: stream, decode, limit, parse once.
+
+Quart's ``request.get_data()`` keeps the whole body in a bytearray and hands back a copy, and
+``json.loads(bytes)`` decodes into a third one. Here the body is read chunk by chunk from
+``request.body`` into one buffer, decoded (``Content-Encoding: gzip | deflate | zstd``) on the
+way in with the size limit applied to the *decoded* size, and parsed once: the buffer is
+turned into text, freed, and only then parsed, so at most two copies of the body exist at any
+moment. Bodies above ``large_body_bytes`` take a slot of a small limiter while they are read
+and parsed, so several large requests at once wait their turn instead of exhausting memory.
+
+Errors are ``ClientError``s: 400 (not JSON, corrupt encoding), 413 (too large), 415 (wrong
+content type or an unknown encoding). None of them echoes the body.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import zlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+import zstandard
+from quart import request
+
+from actors.errors import ClientError
+
+# zstd can expand a few bytes into megabytes: feed it small pieces so one call's output stays
+# small (an RLE block turns 4 bytes into 128 KiB; 512 bytes into at most ~16 MiB).
+ZSTD_FEED = 512
+# zlib output per call; its max_length keeps a deflate bomb from expanding all at once.
+ZLIB_OUT = 256 * 1024
+JSON_CONTENT_TYPE = "application/json"
+
+
+class _Decoder(Protocol):
+    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None: ...
+    def finish(self, sink: Callable[[bytes], None]) -> None: ...
+
+
+class _Identity:
+    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+        sink(data)
+
+    def finish(self, sink: Callable[[bytes], None]) -> None:
+        return None
+
+
+class _Zlib:
+    """gzip (wbits 31) or deflate: zlib-wrapped as RFC 9110 says, raw deflate as browsers allow."""
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        self._wbits = 31 if encoding == "gzip" else 15
+        self._inflate = zlib.decompressobj(self._wbits)
+        self._started = False
+
+    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+        try:
+            self._drain(data, sink)
+        except zlib.error:
+            if self._started or self._encoding != "deflate":
+                raise
+            self._wbits = -15  # raw deflate without the zlib header
+            self._inflate = zlib.decompressobj(self._wbits)
+            self._drain(data, sink)
+
+    def _drain(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+        pending = data
+        while pending:
+            out = self._inflate.decompress(pending, ZLIB_OUT)
+            self._started = True
+            if out:
+                sink(out)
+            if self._inflate.eof and self._inflate.unused_data:
+                raise zlib.error("data after the end of the compressed stream")
+            pending = self._inflate.unconsumed_tail
+
+    def finish(self, sink: Callable[[bytes], None]) -> None:
+        while not self._inflate.eof:
+            out = self._inflate.decompress(b"", ZLIB_OUT)
+            if not out:
+                raise zlib.error("the compressed stream is truncated")
+            sink(out)
+
+
+class _Zstd:
+    def __init__(self) -> None:
+        self._inflate = zstandard.ZstdDecompressor().decompressobj()
+
+    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), ZSTD_FEED):
+            if self._inflate.eof:
+                raise zstandard.ZstdError("data after the end of the zstd frame")
+            out = self._inflate.decompress(view[start : start + ZSTD_FEED])
+            if out:
+                sink(out)
+
+    def finish(self, sink: Callable[[bytes], None]) -> None:
+        if not self._inflate.eof:
+            raise zstandard.ZstdError("the zstd frame is truncated")
+
+
+def _decoder(content_encoding: str) -> _Decoder:
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return _Identity()
+    if encoding in ("gzip", "x-gzip"):
+        return _Zlib("gzip")
+    if encoding == "deflate":
+        return _Zlib("deflate")
+    if encoding == "zstd":
+        return _Zstd()
+    raise ClientError(
+        f"unsupported Content-Encoding {_shown(content_encoding)}: send gzip, deflate, zstd "
+        "or no encoding", status=415, param="content-encoding",
+    )
+
+
+def _shown(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class TooLarge(ClientError):
+    """The decoded body passed the limit."""
+
+
+def is_json_content_type(value: str) -> bool:
+    """``application/json``, optionally with ``charset=utf-8``, and nothing else.
+
+    A browser page can send ``text/plain`` (or anything with ``json`` in it) cross-site without
+    asking first; it cannot send ``application/json`` without a CORS preflight, which we never
+    grant.
+    """
+    mime, _, params = value.partition(";")
+    if mime.strip().lower() != JSON_CONTENT_TYPE:
+        return False
+    for param in params.split(";") if params.strip() else ():
+        name, _, val = param.partition("=")
+        if name.strip().lower() != "charset" or val.strip().strip('"').lower() != "utf-8":
+            return False
+    return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ClientError(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number too large for a float (1e400) would become infinity: refuse it."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ClientError(f"request body has a number out of range: {text[:20]}")
+    return value
+
+
+class BodyReader:
+    """Reads, decodes and parses request bodies for one app (it owns the large-body slots)."""
+
+    def __init__(self, *, max_bytes: int, large_bytes: int, large_slots: int) -> None:
+        self.max_bytes = max_bytes
+        self.large_bytes = large_bytes
+        self._large = trio.CapacityLimiter(large_slots)
+
+    def too_large(self) -> TooLarge:
+        err = TooLarge(
+            f"request body larger than {self.max_bytes} bytes "
+            "(raise server.max_body_bytes to allow it)", status=413,
+        )
+        err.code = "request_too_large"
+        return err
+
+    def _slot(self) -> _Slot:
+        length = request.content_length
+        return _Slot(self._large, held=length is not None and length > self.large_bytes)
+
+    async def read_text(self) -> str:
+        """The whole decoded body of the current request as UTF-8 text (400 if it is not).
+
+        Cancel-safe: a cancelled read leaves nothing behind but the request's unread bytes.
+        """
+        async with self._slot() as slot:
+            return await self._read_text(slot)
+
+    async def _read_text(self, slot: _Slot) -> str:
+        content_length = request.content_length
+        if content_length is not None and content_length > self.max_bytes:
+            raise self.too_large()
+        encoding = request.headers.get("content-encoding", "")
+        decoder = _decoder(encoding)
+        # Decoded to text as it arrives (no long stall at the end); the size limit counts bytes.
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        pieces: list[str] = []
+        size = 0
+
+        def sink(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            if size > self.max_bytes:
+                raise self.too_large()
+            pieces.append(utf8.decode(data))
+
+        try:
+            async for chunk in request.body:
+                decoder.feed(chunk, sink)
+                if size > self.large_bytes:
+                    await slot.take()
+            decoder.finish(sink)
+            pieces.append(utf8.decode(b"", final=True))
+        except (zlib.error, zstandard.ZstdError):
+            raise ClientError(
+                f"request body is not valid {encoding.strip().lower()} data "
+                "(corrupt or truncated Content-Encoding)", param="content-encoding",
+            ) from None
+        except UnicodeDecodeError:
+            raise ClientError("request body is not valid JSON: not UTF-8 text") from None
+        try:
+            return "".join(pieces)
+        finally:
+            pieces.clear()  # free them before the caller parses the text
+
+    async def json_object(self, *, optional: bool = False) -> dict[str, Any] | None:
+        """The request's JSON object, parsed once; ``None`` for an empty body if ``optional``.
+
+        ``optional`` also lets an empty body come without a Content-Type (``curl -X POST``).
+        """
+        content_type = request.headers.get("content-type", "")
+        if not is_json_content_type(content_type) and not (optional and not content_type):
+            raise ClientError(
+                f"expected Content-Type: application/json, got {_shown(content_type or 'none')}",
+                status=415,
+            )
+        async with self._slot() as slot:
+            text = await self._read_text(slot)
+            if not text.strip():
+                if optional:
+                    return None
+                raise ClientError("request body is not valid JSON: the body is empty")
+            if not content_type:
+                raise ClientError("expected Content-Type: application/json, got none",
+                                  status=415)
+            try:
+                body = json.loads(text, parse_constant=_reject_constant,
+                                  parse_float=_finite_float)
+            except ValueError as exc:
+                raise ClientError(f"request body is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ClientError("request body is not valid JSON: nested too deeply") from None
+            finally:
+                del text
+        if not isinstance(body, dict):
+            raise ClientError("request body must be a JSON object")
+        return body
+
+
+class _Slot:
+    """One of the large-body slots, taken up front or once the body turns out to be large."""
+
+    def __init__(self, limiter: trio.CapacityLimiter, *, held: bool) -> None:
+        self._limiter = limiter
+        self._want = held
+        self._held = False
+
+    async def __aenter__(self) -> _Slot:
+        if self._want:
+            await self.take()
+        return self
+
+    async def take(self) -> None:
+        if not self._held:
+            await self._limiter.acquire_on_behalf_of(self)
+            self._held = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._held:
+            self._limiter.release_on_behalf_of(self)
+            self._held = False
+
+
+__all__ = ["BodyReader", "TooLarge", "is_json_content_type"]
