@@ -128,6 +128,9 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
     seeded_hourly, _ = await seed_history(home, [ids["acct-a"], ids["acct-b"]], soon)
     newcomer = fake_upstream.add_account(email="c@example.com", chatgpt_account_id="acct-c",
                                          plan="team")
+    fake_upstream.next_login = fake_upstream.add_account(
+        email="d@example.com", chatgpt_account_id="acct-d", plan="pro")
+    fake_upstream.device_auto_approve_after = 2
     upload = tmp_path / "auth.json"
     upload.write_text(json.dumps(fake_upstream.auth_json(newcomer)))
     config = write_config(tmp_path, fake_upstream.port)
@@ -194,6 +197,14 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
                 page.wait_for_selector("#account-rows tr:has-text('c@example.com')", timeout=5000)
                 assert "c@example.com" in cli(home, config, "accounts", "list").stdout
 
+                # A device-code login: the page shows the link and the code, then the result.
+                page.click("#device-login")
+                page.wait_for_selector("#device-result .device-code", timeout=5000)
+                assert "/codex/device" in page.locator("#device-result a").inner_text()
+                page.wait_for_selector("#device-result:has-text('Added d@example.com')",
+                                       timeout=15000)
+                page.wait_for_selector("#account-rows tr:has-text('d@example.com')", timeout=3000)
+
                 # A rotation shows on the network timeline with its reason.
                 rotated = api.post("/api/clients/rotate").json()
                 assert rotated["rotated"]
@@ -225,7 +236,7 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
                 # Without JavaScript the tables are still there, rendered by the server.
                 plain = browser.new_context(java_script_enabled=False).new_page()
                 plain.goto(url + "/dashboard?status=ok")
-                assert plain.locator("#account-rows tr").count() == 3
+                assert plain.locator("#account-rows tr").count() == 4
                 assert "dash-probe-model" in plain.locator("#request-rows").inner_text()
                 assert plain.locator("#timeline li .reason").first.inner_text() == "admin"
                 plain.screenshot(path=str(SHOTS / "no-js.png"), full_page=True)
