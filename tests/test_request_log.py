@@ -174,6 +174,19 @@ async def test_history_summary_and_prune(tmp_path: Path) -> None:
             assert (await log.last_errors())["acc_b"]["code"] == "x"
             assert await log.prune() == 1
             assert rows_in(tmp_path / FILE_NAME) == 4
+            log.retention_days = 0  # keep forever
+            now["t"] = NOW + 400 * 86400
+            assert await log.prune() == 0
+            assert rows_in(tmp_path / FILE_NAME) == 4
+
+
+def test_retention_is_a_config_key() -> None:
+    from service.config import ConfigError, parse_config
+
+    assert parse_config({}).storage.request_log_days == 30
+    assert parse_config({"storage": {"request_log_days": 7}}).storage.request_log_days == 7
+    with pytest.raises(ConfigError, match="storage.request_log_days"):
+        parse_config({"storage": {"request_log_days": -1}})
 
 
 async def test_metrics_have_bounded_labels_and_a_histogram() -> None:
@@ -309,6 +322,15 @@ async def test_real_requests_leave_rows(tmp_path: Path, fake_upstream, chaos) ->
 
                 errors = (await client.get("/api/requests", params={"status": "error"})).json()
                 assert [r["request_id"] for r in errors["requests"]] == [limited["request_id"]]
+                for params in ({"limit": "many"}, {"cursor": "abc"}, {"status": "teapot"}):
+                    refused = await client.get("/api/requests", params=params)
+                    assert refused.status_code == 400, params
+                    assert refused.json()["error"]["param"] == next(iter(params))
+                paged = (await client.get("/api/requests", params={"limit": 2})).json()
+                older = (await client.get("/api/requests",
+                                          params={"cursor": paged["next_cursor"]})).json()
+                assert [r["request_id"] for r in paged["requests"] + older["requests"]] == [
+                    r["request_id"] for r in rows]
                 bad = await client.get("/api/requests", params={"since": "yesterday"})
                 assert bad.status_code == 400
                 assert "since" in bad.json()["error"]["message"]

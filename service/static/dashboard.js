@@ -142,7 +142,9 @@
       "No accounts yet: upload an auth.json below or run codex-lb-trio accounts import.")));
     keepFocus(body, () => body.replaceChildren(...rows));
     const select = document.querySelector('#request-filters select[name="account"]');
-    if (select) {
+    const ids = state.accounts.map((a) => a.id).join(" ");
+    if (select && select.dataset.ids !== ids) {  // rebuilt only when the pool changes
+      select.dataset.ids = ids;
       const chosen = select.value;
       select.replaceChildren(h("option", { value: "" }, "all accounts"),
         ...state.accounts.map((a) => h("option", { value: a.id, selected: a.id === chosen }, a.id)));
