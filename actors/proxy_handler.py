@@ -169,7 +169,7 @@ class _Attempt:
     transport_retried: set[str] = field(default_factory=set)
     last_error: CodexLBError | None = None
     # The access token each account's last attempt sent: a 401 names it as the stale one.
-    used_tokens: dict[str, str] = field(default_factory=dict)
+    used_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     stats: RequestStats | None = None  # what the request log will get
 
 
@@ -298,7 +298,7 @@ class ProxyHandler:
         with reply.clone() as keep:
             try:
                 await work()
-            except Exception as exc:
+            except* Exception as exc:  # Cancelled (alone or beside these) passes through
                 err, fault = fault_answer(exc, request_id)
                 self.faults[fault] += 1
                 if stats is not None and not stats.terminal:
@@ -541,7 +541,8 @@ class ProxyHandler:
                 attempt.refreshed.add(account_id)
                 try:
                     await self._tokens.ensure_fresh(
-                        account_id, force=True, rejected_access_token=attempt.used_tokens.get(account_id))
+                        account_id, force=True,
+                        rejected_access_token=attempt.used_tokens.get(account_id))
                     attempt.retry_same = account_id
                     log.info("proxy account=%s error=401: refreshed, retrying", account_id)
                 except CodexLBError as exc:
@@ -832,9 +833,10 @@ def fault_answer(exc: BaseException, request_id: str) -> tuple[CodexLBError, str
     if isinstance(leaf, PassThrough):
         return leaf, "upstream"
     if isinstance(leaf, CodexLBError) and not isinstance(leaf, UnexpectedError):
+        upstream = TransportError | UpstreamError | InvalidResponse
         kind = ("bad_input" if isinstance(leaf, ClientError)
                 else "unavailable" if isinstance(leaf, ActorUnavailable)
-                else "upstream" if isinstance(leaf, TransportError | UpstreamError | InvalidResponse)
+                else "upstream" if isinstance(leaf, upstream)
                 else "internal")
         if kind != "internal":
             leaf.message = f"{leaf.message}{suffix}"

@@ -353,17 +353,16 @@ class RefreshScheduler:
         self.close()
 
     def _on_get_catalog(self, message: GetCatalog) -> None:
-        if self._catalog is not None or not message.fetch_if_missing:
-            with message.reply:
+        with message.reply:  # closed on every way out; a waiting task holds its own clone
+            if self._catalog is not None or not message.fetch_if_missing:
                 answer(message.reply, self._catalog)
-            return
-        recently = trio.current_time() - self._models.last_end < ON_DEMAND_GAP
-        if recently and not self._models.running:
-            with message.reply:
+                return
+            recently = trio.current_time() - self._models.last_end < ON_DEMAND_GAP
+            if recently and not self._models.running:
                 answer(message.reply, None)  # a fetch just failed: do not hammer the upstream
-            return
-        run = self._models.start(self._nursery)
-        self._nursery.start_soon(self._answer_when_done, run, message.reply)
+                return
+            run = self._models.start(self._nursery)
+            self._nursery.start_soon(self._answer_when_done, run, message.reply.clone())
 
     async def _answer_when_done(self, run: _Run, reply: trio.MemorySendChannel[Any]) -> None:
         with reply:

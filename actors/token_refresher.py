@@ -275,7 +275,8 @@ class TokenRefresher:
             try:
                 reply = self._answer_or_refresh(message, await self._current(message.account_id))
             except AccountNotFound:
-                answer(message.reply, ClientError(f"no account with id {message.account_id}", status=404))
+                answer(message.reply,
+                       ClientError(f"no account with id {message.account_id}", status=404))
             except Exception as exc:  # the store failed: this caller's error, not the actor's
                 log.warning("token lookup account=%s failed: %s", message.account_id, exc)
                 answer(message.reply, _lookup_error(exc))
@@ -306,7 +307,8 @@ class TokenRefresher:
                 f"the last token refresh of account {account.id} has an unknown outcome; "
                 f"next try in {unknown_until - trio.current_time():.0f}s",
                 phase=Phase.HEADERS)
-        self._start_refresh(account, [message.reply.clone()], may_rotate=message.rotate_on_transport)
+        self._start_refresh(account, [message.reply.clone()],
+                            may_rotate=message.rotate_on_transport)
         return None
 
     async def _current(self, account_id: str) -> Account:
@@ -356,9 +358,11 @@ class TokenRefresher:
             result: FreshTokens | CodexLBError = await self._refresh(account)
         except CodexLBError as exc:
             result = exc
+        except AccountNotFound:
+            result = ClientError(f"account {account.id} was removed during its refresh", status=404)
         except Exception as exc:  # e.g. the store failed: report it, keep the actor
             log.error("token refresh account=%s failed unexpectedly", account.id, exc_info=exc)
-            result = classify(exc)
+            result = _lookup_error(exc) if isinstance(exc, StoreFailure) else classify(exc)
         self._schedule_retry(account.id, result)
         await self._inbox_send.send(RefreshDone(account_id=account.id, result=result))
 
@@ -374,9 +378,10 @@ class TokenRefresher:
                         # The request may have reached the server, which may have rotated the
                         # token: replaying it now could present a spent token. Back off.
                         self._outcome_unknown(account.id)
+                        wait = self._unknown_until[account.id] - trio.current_time()
                         log.warning("token refresh account=%s outcome unknown generation=%d: %s; "
                                     "not replaying it for %.0fs", account.id, lease.generation,
-                                    exc.message, self._unknown_until[account.id] - trio.current_time())
+                                    exc.message, wait)
                         if rotated:
                             exc.rotated_by_refresher = True  # type: ignore[union-attr]
                         raise
@@ -448,6 +453,9 @@ class TokenRefresher:
                                 "login stays", account.id, err.code)
                     newer = await self._store.get(account.id)
                     return FreshTokens(account=newer, tokens=newer.tokens)
+                except Exception as exc:  # the verdict stands even if it could not be saved
+                    log.error("token refresh account=%s status %s not saved: %s", account.id,
+                              status, exc)
                 self._pending.pop(account.id, None)  # that triple is dead upstream
                 log.warning("token refresh account=%s error=%s: status -> %s (log in again)",
                             account.id, err.code, status)

@@ -717,10 +717,15 @@ class SQLiteAccountStore:
                             "UPDATE accounts SET usage = ? WHERE id = ?",
                             (json.dumps(merge(stored, reading).to_json()), account_id),
                         )
-                    return {a: _select(db, cipher, a) for a in batch
-                            if db.execute("SELECT 1 FROM accounts WHERE id = ?", (a,)).fetchone()}
             finally:
                 db.execute("PRAGMA synchronous = FULL")
+            refreshed: dict[str, Account] = {}
+            for account_id in batch:  # the committed rows, for the cache
+                try:
+                    refreshed[account_id] = _select(db, cipher, account_id)
+                except (AccountNotFound, StoreError):
+                    pass  # removed meanwhile, or a row _load_all skips too
+            return refreshed
 
         async with self._lock:
             updated = await self._call(write)

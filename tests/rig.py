@@ -195,7 +195,8 @@ class Upstream:
     async def _stream(self, acct: str) -> AsyncIterator[bytes]:
         events: list[dict[str, Any]] = [
             {"type": "response.created", "response": {"id": "resp_1"}},
-            *({"type": "response.output_text.delta", "delta": f"w{i} "} for i in range(self.events)),
+            *({"type": "response.output_text.delta", "delta": f"w{i} "}
+              for i in range(self.events)),
         ]
         if self.rate_limits_event:
             events.append({"type": "codex.rate_limits", "rate_limits": {

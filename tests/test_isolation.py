@@ -44,6 +44,15 @@ def post_head(port: int, path: str, body: bytes, extra: bytes) -> bytes:
             "connection: close\r\n").encode() + extra + b"\r\n"
 
 
+async def until(read, done, *, bound: float = 5.0) -> None:
+    """Poll ``await read()`` until ``done(value)``, for at most ``bound`` seconds."""
+    with trio.fail_after(bound):
+        for _ in range(int(bound / 0.02) + 1):
+            if done(await read()):
+                return
+            await trio.sleep(0.02)
+
+
 # --- 1: a bad header byte is the client's 400; neighbours never notice ----------------------
 
 
@@ -158,7 +167,8 @@ async def test_store_errors_fail_over_or_answer_503_and_the_actor_lives(autojump
 
 async def test_store_errors_over_real_sockets(tmp_path, fake_upstream, chaos, monkeypatch):
     with trio.fail_after(60):
-        async with open_stack(tmp_path, fake_upstream, chaos, accounts=2) as stack, stack.http() as http:
+        async with (open_stack(tmp_path, fake_upstream, chaos, accounts=2) as stack,
+                    stack.http() as http):
             async def broken_cooldown(account_id, until):
                 raise StoreError("store.db: disk I/O error")
 
@@ -197,6 +207,20 @@ async def test_unclean_close_after_completed_adds_no_failed_event(autojump_clock
         assert sum(e["type"] in TERMINAL_EVENT_TYPES for e in events) == 1
 
 
+async def test_unclean_close_after_completed_over_real_sockets(tmp_path, fake_upstream, chaos):
+    with trio.fail_after(60):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack, stack.http() as http:
+            # Every event, response.completed included, then the connection drops mid-body.
+            fake_upstream.fault("acct-a", "responses",
+                                Fault.stop_midway(after_events=1000, mode="close"))
+            async with http.stream("POST", "/backend-api/codex/responses", json=CODEX_BODY,
+                                   headers=CODEX_HEADERS) as response:
+                assert response.status_code == 200
+                events = await read_sse(response)
+            assert events[-1]["type"] == "response.completed"
+            assert sum(e["type"] in TERMINAL_EVENT_TYPES for e in events) == 1
+
+
 # --- 6: any ensure_fresh failure fails over ------------------------------------------------
 
 
@@ -230,8 +254,9 @@ async def test_usage_readings_coalesce_into_one_write_per_interval(autojump_cloc
         usage_writes = [w for w in r.store.writes if w[0] in ("set_usage", "merge_usages")]
         assert 1 <= len(usage_writes) <= 2  # 20 readings (headers + events)
         stored = (await r.store.get("acc_1")).usage
-        assert stored.primary is not None and stored.primary.used_percent == 12.0
-        assert stored.secondary is not None and stored.secondary.used_percent == 33.0
+        assert stored.primary == UsageWindow(used_percent=12.0, window_seconds=18000)
+        assert stored.secondary is not None
+        assert stored.secondary.used_percent == 33.0
 
 
 async def test_usage_of_a_finished_stream_is_flushed_when_the_handler_stops(autojump_clock):
@@ -240,7 +265,8 @@ async def test_usage_of_a_finished_stream_is_flushed_when_the_handler_stops(auto
         await events_of(r.proxy, turn())
         r.nursery.cancel_scope.cancel()  # the engine stops before the next batch
     stored = (await r.store.get("acc_1")).usage
-    assert stored.primary is not None and stored.secondary is not None
+    assert stored.primary is not None
+    assert stored.secondary is not None
 
 
 async def test_partial_readings_of_one_account_both_reach_the_store(tmp_path):
@@ -252,11 +278,9 @@ async def test_partial_readings_of_one_account_both_reach_the_store(tmp_path):
             async with trio.open_nursery() as nursery:
                 await nursery.start(handler.run)
                 handler._note_usage("acc_1", Usage(primary=UsageWindow(used_percent=10.0)))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 handler._note_usage("acc_1", Usage(secondary=UsageWindow(used_percent=20.0)))
-                with trio.fail_after(5):
-                    while (await store.get("acc_1")).usage.secondary is None:
-                        await trio.sleep(0.05)
+                await until(lambda: store.get("acc_1"), lambda a: a.usage.secondary is not None)
                 nursery.cancel_scope.cancel()
             usage = (await store.get("acc_1")).usage
             assert usage.primary == UsageWindow(used_percent=10.0)
@@ -284,12 +308,10 @@ async def test_a_cooldown_never_queues_behind_usage_writes(tmp_path):
                 for index in range(200):  # a burst of streams reporting usage
                     handler._note_usage(f"acc_{index % 5 + 1}",
                                         Usage(primary=UsageWindow(used_percent=float(index))))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 await store.set_cooldown("acc_1", time.time() + 60)  # the failover path
                 assert order.index("set_cooldown") <= 1  # at most one usage batch before it
-                with trio.fail_after(5):
-                    while "merge_usages" not in order:
-                        await trio.sleep(0.05)
+                await until(trio.lowlevel.checkpoint, lambda _: "merge_usages" in order)
                 nursery.cancel_scope.cancel()
             assert order.count("set_usage") == 0
             assert order.count("merge_usages") == 1  # 200 readings, one transaction
@@ -303,3 +325,25 @@ def test_fault_kinds_render_on_metrics():
     assert "# TYPE codex_lb_request_faults_total counter" in text
     assert 'codex_lb_request_faults_total{kind="bad_input"} 2' in text
 
+
+
+@pytest.mark.parametrize(("exc", "status", "kind"), [
+    (UnicodeEncodeError("ascii", "caf\xe9", 3, 4, "ordinal not in range"), 400, "bad_input"),
+    (ClientError("bad", param="x"), 400, "bad_input"),
+    (OSError(104, "Connection reset by peer"), 502, "upstream"),
+    (StoreError("store.db: disk I/O error"), 503, "store"),
+    (ActorUnavailable("the token refresher is shut down"), 503, "unavailable"),
+    (ValueError("a bug"), 500, "internal"),
+    (ExceptionGroup("one", [StoreError("store.db: locked")]), 503, "store"),
+    (ExceptionGroup("two", [ValueError("a"), KeyError("b")]), 500, "internal"),
+])
+def test_fault_answers_by_kind(exc, status, kind):
+    from actors.errors import openai_error_body
+    from actors.proxy_handler import fault_answer
+
+    err, fault = fault_answer(exc, "req_0123")
+    assert (err.http_status, fault) == (status, kind)
+    body = openai_error_body(err)["error"]
+    assert "req_0123" in body["message"]
+    if kind == "internal":
+        assert "bug" not in body["message"]

@@ -93,7 +93,8 @@ async def test_lost_refresh_answer_is_not_replayed_at_once(autojump_clock, caplo
         assert "outcome unknown" in caplog.text
         # Callers keep the still-valid access token; nothing is replayed, forced or not.
         assert (await r.tokens.ensure_fresh("acc_1")).tokens.refresh_token == "rt-acct-1-0"
-        assert (await r.tokens.ensure_fresh("acc_1", force=True)).tokens.access_token == "at-acct-1-0"
+        forced = await r.tokens.ensure_fresh("acc_1", force=True)
+        assert forced.tokens.access_token == "at-acct-1-0"
         assert upstream.presented == ["rt-acct-1-0"]
         assert await r.rotations() == 0
         assert (await r.store.get("acc_1")).status is AccountStatus.ACTIVE
