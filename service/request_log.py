@@ -134,8 +134,8 @@ class LogMetrics:
         lines += ["# HELP codex_lb_failovers_total Attempts that failed over before the first "
                   "byte.", "# TYPE codex_lb_failovers_total counter",
                   f"codex_lb_failovers_total {self.failovers}",
-                  "# HELP codex_lb_account_cooldowns_total Cooldowns started by requests that hit a "
-                  "usage limit, by account.",
+                  "# HELP codex_lb_account_cooldowns_total Cooldowns started by requests that "
+                  "hit a usage limit, by account.",
                   "# TYPE codex_lb_account_cooldowns_total counter"]
         lines += [f'codex_lb_account_cooldowns_total{{account="{_label(a)}"}} {n}'
                   for a, n in sorted(self.cooldowns.items())]
