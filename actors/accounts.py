@@ -75,26 +75,84 @@ class UsageWindow:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Credits:
+    """Purchased credits: an account past its plan limit keeps working while it has some."""
+
+    has_credits: bool
+    unlimited: bool = False
+    balance: str | None = None  # as the backend writes it (a decimal string)
+
+    @property
+    def usable(self) -> bool:
+        return self.unlimited or self.has_credits
+
+    def to_json(self) -> dict[str, Any]:
+        return {"has_credits": self.has_credits, "unlimited": self.unlimited,
+                "balance": self.balance}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Credits | None:
+        if not isinstance(data, dict):
+            return None
+        balance = data.get("balance")
+        return cls(has_credits=bool(data.get("has_credits")), unlimited=bool(data.get("unlimited")),
+                   balance=None if balance is None else str(balance))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitFamily:
+    """A rate-limit family beside the plan's own (``x-<name>-primary-*`` headers)."""
+
+    name: str  # the header's family id, e.g. "codex-bengalfox"
+    limit_name: str | None = None  # its display name (``x-<name>-limit-name``)
+    primary: UsageWindow | None = None
+    secondary: UsageWindow | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "limit_name": self.limit_name,
+                "primary": self.primary.to_json() if self.primary else None,
+                "secondary": self.secondary.to_json() if self.secondary else None}
+
+    @classmethod
+    def from_json(cls, data: Any) -> LimitFamily | None:
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return None
+        limit_name = data.get("limit_name")
+        return cls(name=data["name"],
+                   limit_name=limit_name if isinstance(limit_name, str) else None,
+                   primary=UsageWindow.from_json(data.get("primary")),
+                   secondary=UsageWindow.from_json(data.get("secondary")))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
     primary: UsageWindow | None = None
     secondary: UsageWindow | None = None
     updated_at: float | None = None
+    credits: Credits | None = None
+    families: tuple[LimitFamily, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "primary": self.primary.to_json() if self.primary else None,
             "secondary": self.secondary.to_json() if self.secondary else None,
             "updated_at": self.updated_at,
+            "credits": self.credits.to_json() if self.credits else None,
+            "families": [family.to_json() for family in self.families],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Usage:
         if not data:
             return cls()
+        families = data.get("families")
         return cls(
             primary=UsageWindow.from_json(data.get("primary")),
             secondary=UsageWindow.from_json(data.get("secondary")),
             updated_at=_opt_float(data.get("updated_at")),
+            credits=Credits.from_json(data.get("credits")),
+            families=tuple(f for item in (families if isinstance(families, list) else [])
+                           if (f := LimitFamily.from_json(item)) is not None),
         )
 
 

@@ -13,7 +13,9 @@ Policy, in order:
    snapshot says it is exhausted: that request would only earn a 429.
 3. Otherwise the best score wins: usage headroom minus a penalty per request already in
    flight, so equal accounts share concurrent load evenly. Exhausted accounts (0 %
-   headroom) come last whatever their load. Ties go to the oldest account, then the id.
+   headroom) come last whatever their load, unless they have credits: the backend
+   bills those past the plan's limit, so such an account is still usable. Ties go to
+   the oldest account, then the id.
 
 Errors::
 
@@ -112,6 +114,16 @@ def headroom(account: Account, now: float) -> float:
     return 100.0 - used
 
 
+def on_credits(account: Account, now: float) -> bool:
+    """Out of its plan's usage but still usable: it has credits (or unlimited ones)."""
+    credits = account.usage.credits
+    return credits is not None and credits.usable and headroom(account, now) <= 0.0
+
+
+def _spent(account: Account, now: float) -> bool:
+    return headroom(account, now) <= 0.0 and not on_credits(account, now)
+
+
 def choose(
     accounts: Sequence[Account],
     *,
@@ -132,7 +144,7 @@ def choose(
     candidates = [a for a in accounts if a.id not in excluded and is_eligible(a, now)]
 
     sticky = next((a for a in candidates if a.id == sticky_account_id), None)
-    if sticky is not None and headroom(sticky, now) > 0.0:
+    if sticky is not None and not _spent(sticky, now):
         return Choice(account=sticky, sticky_hit=True)
 
     if candidates:
@@ -140,10 +152,10 @@ def choose(
         def rank(account: Account) -> tuple[bool, float, float, str]:
             room = headroom(account, now)
             score = room - in_flight_penalty * in_flight.get(account.id, 0)
-            return (room <= 0.0, -score, account.created_at, account.id)
+            return (_spent(account, now), -score, account.created_at, account.id)
 
         best = min(candidates, key=rank)
-        if sticky is not None and headroom(best, now) <= 0.0:
+        if sticky is not None and _spent(best, now):
             return Choice(account=sticky, sticky_hit=True)  # all exhausted: keep the cache
         return Choice(account=best, sticky_hit=False)
 

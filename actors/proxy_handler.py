@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, assert_never
 
@@ -40,7 +41,7 @@ import trio_websocket
 from actors import balancer
 from actors import proxy_websocket as ws
 from actors.accounts import AccountStore, StoreFailure, Usage
-from actors.client_manager import ClientHandle, Lease, keepalive_socket_options
+from actors.client_manager import ClientHandle, Lease
 from actors.errors import (
     ActorUnavailable,
     AuthExpired,
@@ -78,6 +79,15 @@ from actors.upstream import (
     usage_from_rate_limits_event,
 )
 from actors.usage_writer import UsageWriter
+from actors.ws_session import (
+    LinkOpenFailed,
+    SessionEvent,
+    SessionHooks,
+    SessionRelay,
+    UpstreamLink,
+    pump_client,
+    serve_link,
+)
 
 log = logging.getLogger("codex_lb_trio.proxy")
 
@@ -125,6 +135,10 @@ class ProxyRequest:
     query: tuple[tuple[str, str], ...] = ()
     stream: bool = True
     sticky_key: str | None = None
+    # A raw body streamed as it comes (an upload), sent instead of ``body``. It can be sent
+    # once: an attempt after it was consumed fails with the iterable's own error.
+    content: AsyncIterable[bytes] | None = None
+    header_timeout: float | None = None  # None: the lease's default
     surface: str = ""  # for the request log; "" derives it from the path
 
 
@@ -335,15 +349,15 @@ class ProxyHandler:
             started=trio.current_time(), model=str(body.get("model") or ""),
             client=client_label(dict(request.headers).get("session-id") or request.sticky_key))
 
-    def _turn_stats(
-        self, request: ProxyRequest, relay: ws.TurnRelay, turn: dict[str, Any],
-    ) -> RequestStats | None:
+    def _turn_stats(self, request: ProxyRequest, raw: str) -> RequestStats | None:
         """Stats for one turn over an upstream WebSocket (None when nothing logs)."""
         if self._on_record is None:
             return None
-        stats = self._new_stats(replace(request, body=turn))
-        stats.surface, stats.account_id = Surface.CODEX_WEBSOCKET, relay.account_id
-        stats.status, stats.attempts, stats.generation = 101, 1, relay.generation
+        stats = self._new_stats(request)
+        stats.surface, stats.status, stats.attempts = Surface.CODEX_WEBSOCKET, 101, 1
+        # The relay never parses a turn's body; the model is read off its text, best effort.
+        model = _MODEL_FIELD.search(raw, 0, 4096)
+        stats.model = model.group(1) if model else ""
         return stats
 
     def _emit(self, stats: RequestStats) -> None:
@@ -438,10 +452,10 @@ class ProxyHandler:
                     request.headers, access_token=fresh.tokens.access_token,
                     chatgpt_account_id=fresh.account.chatgpt_account_id,
                 ) | (content.headers if content is not None else {}),
-                content=content,
+                content=request.content if request.content is not None else content,
             )
             try:
-                response = await lease.send(http_request)
+                response = await lease.send(http_request, header_timeout=request.header_timeout)
             except TransportError as exc:
                 await self._on_transport(exc, lease, account_id, attempt)
                 raise _Failover from None
@@ -571,86 +585,198 @@ class ProxyHandler:
     # --- websocket sessions ------------------------------------------------------------
 
     async def _serve_websocket(self, message: OpenWebSocket) -> None:
+        """One client session: its upstream sockets live in this task's nursery."""
         request, reply = message.request, message.reply
-        in_send, in_recv = trio.open_memory_channel[str](ws.FRAME_BUFFER)
+        in_send, in_recv = trio.open_memory_channel[str | bytes](ws.FRAME_BUFFER)
         out_send, out_recv = trio.open_memory_channel[str](ws.FRAME_BUFFER)
-        with reply, in_recv, out_send:
+        events_send, events_recv = trio.open_memory_channel[SessionEvent](ws.FRAME_BUFFER)
+        with reply, in_recv, out_send, events_send, events_recv:
             session = ws.WebSocketSession(to_upstream=in_send, from_upstream=out_recv,
                                           account_id="", mode="websocket")
-            relay = ws.TurnRelay(client_in=in_recv, client_out=out_send, account_id="",
-                                 idle_timeout=lambda: self.settings.idle_timeout,
-                                 http_turn=lambda body: self._http_turn(request, body),
-                                 turn_stats=lambda turn: self._turn_stats(request, relay, turn),
-                                 turn_done=self._emit)
+            async with trio.open_nursery() as links:
 
-            async def try_account(account_id: str, attempt: _Attempt) -> str:
-                session.account_id = relay.account_id = account_id
-                done = await self._websocket_attempt(request, account_id, attempt, reply, relay, session)
-                return "done" if done else "use-http"
+                async def try_account(account_id: str, attempt: _Attempt) -> Any:
+                    link = await self._websocket_attempt(request, account_id, attempt, links,
+                                                         events_send)
+                    return "use-http" if link is None else link
 
-            stats = self._new_stats(request)
-            stats.surface = Surface.CODEX_WEBSOCKET
-            outcome = await self._with_failover(request, reply, try_account, stats=stats)
-            if outcome is None:
-                self._emit(stats)  # the session never opened: log the refusal (turns log themselves)
-            if outcome != "use-http":
-                return
-            # The upstream does not speak websockets: serve the turns over HTTP SSE.
-            self.counters["websocket_http_fallbacks"] += 1
-            session.mode = "http"
-            if answer(reply, session):
+                stats = self._new_stats(request)
+                stats.surface = Surface.CODEX_WEBSOCKET
+                first = await self._with_failover(request, reply, try_account, stats=stats)
+                if first is None:
+                    self._emit(stats)  # the session never opened (turns log themselves)
+                    links.cancel_scope.cancel()
+                    return
+                if first == "use-http":
+                    # The upstream does not speak websockets: serve the turns over HTTP SSE.
+                    self.counters["websocket_http_fallbacks"] += 1
+                    session.mode = "http"
+                    relay = ws.TurnRelay(client_in=in_recv, client_out=out_send,
+                                         http_turn=lambda body: self._http_turn(request, body))
+                    if answer(reply, session):
+                        try:
+                            await relay.relay_http()
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass  # the client left
+                    return
+                link: UpstreamLink = first
+                session.account_id = link.account_id
+                session.headers = {k: v for k, v in link.headers.items()
+                                   if k in ws.FORWARDED_UPGRADE_HEADERS}
+                hooks = SessionHooks(
+                    reconnect=lambda account_id: self._reconnect_websocket(
+                        request, account_id, links, events_send),
+                    fail_over=lambda tried: self._fail_over_websocket(
+                        request, tried, links, events_send),
+                    cool_down=self._cool_down_from_stream, note_usage=self._note_usage,
+                    wall_clock=self._wall_clock, max_failovers=self.settings.max_attempts,
+                    turn_started=lambda raw: self._turn_stats(request, raw),
+                    turn_done=self._emit,
+                )
+                session_relay = SessionRelay(link=link, events=events_recv, client_out=out_send,
+                                                hooks=hooks)
                 try:
-                    await relay.relay_http()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the client left
+                    if answer(reply, session):
+                        links.start_soon(pump_client, in_recv.clone(), events_send.clone())
+                        await session_relay.run()
+                except Exception as exc:
+                    # A fault stays in its session: the client hears of it, the actor does not.
+                    self.counters["websocket_session_errors"] += 1
+                    log.exception("websocket session account=%s failed", session_relay.account_id)
+                    with trio.move_on_after(1):
+                        try:
+                            await out_send.send(ws.error_frame(
+                                500, "internal_error",
+                                f"proxy session failed: {type(exc).__name__}"))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                finally:
+                    self.counters.update({f"websocket_{name}": count
+                                          for name, count in session_relay.counters.items()})
+                    links.cancel_scope.cancel()
 
     async def _websocket_attempt(
         self, request: ProxyRequest, account_id: str, attempt: _Attempt,
-        reply: trio.MemorySendChannel[Any], relay: ws.TurnRelay, session: ws.WebSocketSession,
-    ) -> bool:
-        """One upstream socket for the session. False: the upstream wants HTTP instead."""
+        links: trio.Nursery, events_send: trio.MemorySendChannel[SessionEvent],
+    ) -> UpstreamLink | None:
+        """One upstream socket on ``account_id``. None: the upstream wants HTTP instead."""
         fresh = await self._fresh_tokens(account_id, attempt)
         headers = ws.handshake_headers(request.headers, fresh.tokens.access_token,
                                        fresh.account.chatgpt_account_id)
         url = ws.websocket_url(self.settings.base_url, request.path)
-        async with self._clients.lease() as lease:
-            opened = False
-            try:
-                async with ws.open_upstream_websocket(
-                    url, ws.handshake_extra(headers), connect_timeout=self.settings.connect_timeout,
-                    socket_options=keepalive_socket_options(lease.settings),
-                ) as upstream:
-                    opened = True
-                    self.counters["websocket_sessions"] += 1
-                    relay.idle_timeout = lease.idle_timeout
-                    relay.generation = lease.generation
-                    if answer(reply, session):
-                        await relay.relay_websocket(upstream)
-                return True
-            except Exception as exc:
-                leaf = ws.single_leaf(exc)
-                if opened:
-                    if not isinstance(leaf, trio.BrokenResourceError | trio.ClosedResourceError):
-                        log.info("websocket session account=%s ended: %s", account_id, leaf)
-                    return True
-                if isinstance(leaf, trio_websocket.ConnectionRejected):
-                    if leaf.status_code in ws.USE_HTTP_STATUSES:
-                        return False
-                    failure = ws.refused_failure(leaf, self._wall_clock())
-                    if failure is None:  # an odd 2xx/3xx instead of 101: the path is unusable
-                        attempt.tried.add(account_id)
-                        attempt.last_error = ServerError(
-                            f"upstream answered the upgrade with HTTP {leaf.status_code}",
-                            status=502, code="bad_upgrade")
-                        raise _Failover from None
-                    if failure.kind == "client":
-                        raise PassThrough(leaf.status_code or 400, leaf.body or b"", None) from None
-                    await self._on_failure(failure, account_id, attempt)
-                err = classify(leaf, phase=Phase.CONNECT, generation=lease.generation)
-                if isinstance(err, TransportError):
-                    await self._on_transport(err, lease, account_id, attempt)
+        try:
+            link: UpstreamLink = await links.start(
+                self._hold_websocket, account_id, url, ws.handshake_extra(headers), events_send)
+        except LinkOpenFailed as failed:
+            leaf, lease = failed.error, failed.lease
+            if isinstance(leaf, trio_websocket.ConnectionRejected):
+                if leaf.status_code in ws.USE_HTTP_STATUSES:
+                    return None
+                failure = ws.refused_failure(leaf, self._wall_clock())
+                if failure is None:  # an odd 2xx/3xx instead of 101: the path is unusable
+                    attempt.tried.add(account_id)
+                    attempt.last_error = ServerError(
+                        f"upstream answered the upgrade with HTTP {leaf.status_code}",
+                        status=502, code="bad_upgrade")
                     raise _Failover from None
-                raise err from None
+                if failure.kind == "client":
+                    raise PassThrough(leaf.status_code or 400, leaf.body or b"", None) from None
+                await self._on_failure(failure, account_id, attempt)
+            err = classify(leaf, phase=Phase.CONNECT, generation=lease.generation)
+            if isinstance(err, TransportError):
+                await self._on_transport(err, lease, account_id, attempt)
+                raise _Failover from None
+            raise err from None
+        self.counters["websocket_sessions" if not attempt.tried else "websocket_sockets"] += 1
+        usage = usage_from_headers(link.headers, self._wall_clock())
+        if usage is not None:  # the upgrade answer carries the x-codex-* headers too
+            self._note_usage(account_id, usage)
+        return link
+
+    async def _hold_websocket(
+        self, account_id: str, url: str, extra: list[tuple[bytes, bytes]],
+        events_send: trio.MemorySendChannel[SessionEvent],
+        *, task_status: trio.TaskStatus[UpstreamLink] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One upstream socket under its own lease, counted in flight while it lives."""
+        async with self._clients.lease() as lease:
+            self._in_flight[account_id] += 1
+            try:
+                await serve_link(account_id=account_id, url=url, extra_headers=extra,
+                                    connect_timeout=self.settings.connect_timeout, lease=lease,
+                                    events=events_send, task_status=task_status)
+            finally:
+                self._in_flight[account_id] -= 1
+
+    async def _reconnect_websocket(
+        self, request: ProxyRequest, account_id: str, links: trio.Nursery,
+        events_send: trio.MemorySendChannel[SessionEvent],
+    ) -> UpstreamLink:
+        """A fresh socket on the same account (its turns may name its previous responses).
+
+        The usual retries apply (a forced refresh after a 401, one rotation after a
+        transport failure), but never another account: raises the error that stopped it.
+        """
+        attempt = _Attempt()
+        for _ in range(3):
+            try:
+                link = await self._websocket_attempt(request, account_id, attempt, links,
+                                                     events_send)
+            except _Failover:
+                if attempt.retry_same == account_id:
+                    attempt.retry_same = None
+                    continue
+                break
+            if link is None:
+                raise ServerError("the upstream no longer accepts websockets", status=502,
+                                  code="websocket_refused")
+            return link
+        raise attempt.last_error or ServerError("no fresh upstream socket", status=502,
+                                                code="upstream_unavailable")
+
+    async def _fail_over_websocket(
+        self, request: ProxyRequest, tried: set[str], links: trio.Nursery,
+        events_send: trio.MemorySendChannel[SessionEvent],
+    ) -> UpstreamLink:
+        """A socket on another account for a turn that failed before its first event."""
+        reply_send, reply_recv = trio.open_memory_channel[Any](1)
+
+        async def try_account(account_id: str, attempt: _Attempt) -> Any:
+            attempt.tried.update(tried)
+            if account_id in tried:
+                raise _Failover  # picked before the exclusions were known
+            link = await self._websocket_attempt(request, account_id, attempt, links, events_send)
+            if link is None:
+                attempt.tried.add(account_id)
+                attempt.last_error = ServerError("the upstream refused the websocket",
+                                                 status=502, code="websocket_refused")
+                raise _Failover
+            return link
+
+        picker = ProxyRequest(path=request.path, headers=request.headers)  # no stickiness
+        with reply_send, reply_recv:
+            result = await self._with_failover(picker, reply_send, try_account)
+            if isinstance(result, UpstreamLink):
+                return result
+            try:
+                error = reply_recv.receive_nowait()
+            except trio.WouldBlock:
+                error = None
+        raise error if isinstance(error, CodexLBError) else ServerError(
+            "no other account could take the turn", status=502, code="upstream_unavailable")
+
+    async def _cool_down_from_stream(self, account_id: str, failure: Any) -> None:
+        """An in-turn usage-limit failure: the account rests until ``resets_at``."""
+        until = failure.resets_at or self._wall_clock() + self.settings.default_cooldown
+        try:
+            await self._store.set_cooldown(account_id, until)
+        except Exception as exc:  # advisory; the turn goes on
+            log.info("cooldown account=%s not stored: %s", account_id, exc)
+            return
+        self._sticky.forget_account(account_id)
+        self.counters["rate_limited"] += 1
+        log.info("websocket account=%s error=%s cooling_down_for=%.0fs", account_id,
+                 failure.code, until - self._wall_clock())
 
     async def _http_turn(self, request: ProxyRequest, body: dict[str, Any]) -> Exchange:
         """One fallback turn, served like any POST /codex/responses."""
@@ -799,6 +925,7 @@ def _noted(attempt: _Attempt, err: CodexLBError) -> CodexLBError:
     return err
 
 
+_MODEL_FIELD = re.compile(r'"model"\s*:\s*"([^"\\]{1,200})"')
 _SURFACES = {"/codex/responses": Surface.CODEX_HTTP, "/codex/responses/compact": Surface.COMPACT,
              "/codex/models": Surface.MODELS, "/transcribe": Surface.TRANSCRIBE}
 

@@ -1,22 +1,24 @@
-"""Codex's Responses-over-WebSocket, relayed by the ProxyHandler (split from it for size).
+"""Codex's Responses-over-WebSocket: frames, the upstream socket, the HTTP fallback.
 
-One downstream socket maps to one upstream socket (trio-websocket), held under one
-client lease for the socket's life. Each turn is a ``response.create`` text frame up
-and a run of event frames down, ending with a terminal event. If the upstream
-refuses the upgrade (426/404), the session serves every turn over upstream HTTP SSE
-instead, turning each SSE event into one frame, so the client never notices.
+Split from the ProxyHandler for size; the session loop itself is in actors/ws_session.py.
+A downstream session is relayed over upstream sockets (trio-websocket), each held under
+its own client lease. Each turn is a ``response.create`` text frame up and a run of event
+frames down, ending with a terminal event. If the upstream refuses the upgrade (426/404),
+the session serves every turn over upstream HTTP SSE instead, turning each SSE event into
+one frame, so the client never notices.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
-import time
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -25,16 +27,13 @@ import trio_websocket
 
 from actors.errors import CodexLBError
 from actors.upstream import (
-    TERMINAL_EVENT_TYPES,
     classify_response,
-    failed_event,
     parse_event_json,
     upstream_headers,
 )
 
 if TYPE_CHECKING:
     from actors.proxy_handler import Exchange
-    from actors.request_record import RequestStats
 
 log = logging.getLogger("codex_lb_trio.proxy.ws")
 
@@ -49,13 +48,31 @@ class WebSocketSession:
     """What the route gets: send client frames in, read frames for the client out.
 
     Close ``to_upstream`` when the client goes away; ``from_upstream`` ends when the
-    session is over. ``mode`` is "websocket" or "http" (the fallback).
+    session is over. ``mode`` is "websocket" or "http" (the fallback). ``headers`` are
+    the upstream upgrade answer's headers Codex reads, for the client's upgrade answer.
     """
 
-    to_upstream: trio.MemorySendChannel[str]
+    to_upstream: trio.MemorySendChannel[str | bytes]
     from_upstream: trio.MemoryReceiveChannel[str]
     account_id: str
     mode: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# Upgrade answer headers Codex reads (turn-state affinity, catalog etag, reasoning, model).
+FORWARDED_UPGRADE_HEADERS = ("x-codex-turn-state", "x-models-etag", "x-reasoning-included",
+                             "openai-model")
+# The backend caps a socket's age (60 min); this code says "open a new socket", not "fail".
+CONNECTION_LIMIT_CODE = "websocket_connection_limit_reached"
+# Opening events held back (like HTTP streams) so a failure right behind them can still
+# fail over: nothing has reached the client yet.
+PREAMBLE_TYPES = frozenset({"response.created", "response.in_progress", "codex.rate_limits"})
+HOLD_FRAMES = 8
+# A frame's type where the backend writes it, first in the object: read without parsing.
+TYPE_AT_START = re.compile(r'\s*\{\s*"type"\s*:\s*"([^"\\]+)"')
+# How often one turn may go out again on a fresh socket of the same account before its
+# first event (a socket that died between turns, the 60-minute limit).
+MAX_SAME_ACCOUNT_RESENDS = 2
 
 
 def invalid_frame_event(message: str) -> str:
@@ -66,18 +83,42 @@ def invalid_frame_event(message: str) -> str:
     })
 
 
-def parse_client_frame(frame: str | bytes) -> dict[str, Any] | str:
-    """The client's response.create payload, or a message saying why the frame is bad."""
+def error_frame(status: int, code: str, message: str, type_: str = "upstream_error") -> str:
+    return json.dumps({"type": "error", "status": status,
+                       "error": {"type": type_, "code": code, "message": message}})
+
+
+def frame_type(frame: str | bytes) -> str:
+    """The frame's ``type``, or raise ValueError saying why the frame is malformed.
+
+    Well-formed means: a text frame, within the size limit, holding a JSON object
+    with a string ``type``. Anything else of that shape is relayed as it is.
+    """
     if isinstance(frame, bytes):
-        return "binary frames are not accepted: send response.create as a JSON text frame"
+        raise ValueError("binary frames are not accepted: send JSON text frames")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ValueError(f"frame is larger than {MAX_FRAME_BYTES} bytes")
     try:
         payload = json.loads(frame)
-    except ValueError:
-        return "frame is not valid JSON"
+    except (ValueError, RecursionError):
+        raise ValueError("frame is not valid JSON") from None
     if not isinstance(payload, dict):
-        return "frame must be a JSON object"
-    if payload.get("type") != "response.create":
-        return f"unsupported frame type {payload.get('type')!r}: expected response.create"
+        raise ValueError("frame must be a JSON object")
+    kind = payload.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError("frame has no string \"type\"")
+    return kind
+
+
+def parse_client_frame(frame: str | bytes) -> dict[str, Any] | str:
+    """The client's response.create payload, or a message saying why the frame is bad."""
+    try:
+        kind = frame_type(frame)
+    except ValueError as exc:
+        return str(exc)
+    if kind != "response.create":
+        return f"frame type {kind!r} is only relayed over an upstream websocket"
+    payload: dict[str, Any] = json.loads(frame)
     return payload
 
 
@@ -144,65 +185,36 @@ def single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+# --- the HTTP fallback ---------------------------------------------------------------------
+
+
 @dataclass(slots=True, kw_only=True)
 class TurnRelay:
-    """Relays the turns of one session; the ProxyHandler supplies the account plumbing."""
+    """Serves a session's turns over upstream HTTP SSE when the upstream refuses sockets."""
 
-    client_in: trio.MemoryReceiveChannel[str]
+    client_in: trio.MemoryReceiveChannel[str | bytes]
     client_out: trio.MemorySendChannel[str]
-    account_id: str
-    idle_timeout: Callable[[], float]
     http_turn: Callable[[dict[str, Any]], Awaitable[Exchange]]
-    # The request log: stats for a turn (None: not logging), and where a finished turn goes.
-    turn_stats: Callable[[dict[str, Any]], RequestStats | None] = lambda turn: None
-    turn_done: Callable[[RequestStats], None] = lambda stats: None
-    generation: int = 0  # the client generation of the upstream socket, for the log
 
     async def send_client(self, frame: str) -> None:
         await self.client_out.send(frame)
 
     async def next_turn(self) -> dict[str, Any] | None:
-        """The next valid response.create from the client (bad frames are answered)."""
+        """The next response.create from the client (bad frames are answered)."""
         async for frame in self.client_in:
-            parsed = parse_client_frame(frame)
-            if isinstance(parsed, str):
-                await self.send_client(invalid_frame_event(parsed))
+            try:
+                kind = frame_type(frame)
+            except ValueError as exc:
+                await self.send_client(invalid_frame_event(str(exc)))
                 continue
-            return parsed
+            if kind != "response.create":
+                continue  # control frames (response.processed) mean nothing to HTTP turns
+            payload: dict[str, Any] = json.loads(frame)
+            return payload
         return None
 
-    async def relay_websocket(self, upstream: trio_websocket.WebSocketConnection) -> None:
-        """Turns over the upstream socket until the client leaves or the socket dies."""
-        while (turn := await self.next_turn()) is not None:
-            stats = self.turn_stats(turn)
-            try:
-                await upstream.send_message(json.dumps(turn))
-                while True:
-                    with trio.fail_after(self.idle_timeout()):
-                        frame = await upstream.get_message()
-                    await self.send_client(frame if isinstance(frame, str) else frame.decode())
-                    if stats is not None:
-                        stats.mark_first_event(trio.current_time())
-                    if (kind := _frame_type(frame)) in TERMINAL_EVENT_TYPES:
-                        if stats is not None:
-                            stats.note_terminal(kind, _frame_json(frame))
-                        break
-            except trio.TooSlowError:
-                _lost(stats)
-                await self.send_client(json.dumps(failed_event(
-                    "upstream_connection_lost", "upstream websocket went silent")))
-                return
-            except trio_websocket.ConnectionClosed as exc:
-                _lost(stats)
-                await self.send_client(json.dumps(failed_event(
-                    "upstream_connection_lost", f"upstream websocket closed: {exc.reason}")))
-                return
-            finally:
-                if stats is not None:
-                    self.turn_done(stats)
-
     async def relay_http(self, first_turn: dict[str, Any] | None = None) -> None:
-        """The fallback: each turn becomes one upstream HTTP SSE exchange."""
+        """Each turn becomes one upstream HTTP SSE exchange."""
         turn = first_turn if first_turn is not None else await self.next_turn()
         while turn is not None:
             if turn.get("generate") is False:
@@ -217,17 +229,17 @@ class TurnRelay:
             try:
                 exchange = await self.http_turn(body)
             except CodexLBError as exc:
-                await self.send_client(json.dumps({
-                    "type": "error", "status": exc.http_status,
-                    "error": {"type": "upstream_error", "code": exc.code, "message": exc.message},
-                }))
+                await self.send_client(error_frame(exc.http_status, exc.code, exc.message))
             else:
                 assert exchange.events is not None
                 with exchange.events:
                     async for event in exchange.events:
                         payload = parse_event_json(event)
                         if payload is not None:
-                            await self.send_client(json.dumps(payload))
+                            # The event's own JSON when it names its type, else with the type
+                            # its SSE event line gave it.
+                            await self.send_client(event.data if TYPE_AT_START.match(event.data)
+                                                   else json.dumps(payload))
             turn = await self.next_turn()
 
 
@@ -246,27 +258,6 @@ def prewarm_events(turn: dict[str, Any]) -> list[dict[str, Any]]:
         {"type": "response.created", "response": {**response, "status": "in_progress"}},
         {"type": "response.completed", "response": response},
     ]
-
-
-def _lost(stats: RequestStats | None) -> None:
-    if stats is not None:
-        stats.terminal, stats.error_code = "response.failed", "upstream_connection_lost"
-
-
-def _frame_json(frame: str | bytes) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(frame)
-    except ValueError:
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
-def _frame_type(frame: str | bytes) -> str | None:
-    try:
-        payload = json.loads(frame)
-    except ValueError:
-        return None
-    return payload.get("type") if isinstance(payload, dict) else None
 
 
 def refused_failure(refused: trio_websocket.ConnectionRejected, now: float) -> Any:

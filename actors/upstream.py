@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeAlias
 
 import trio
 
-from actors.accounts import AccountStatus, Usage, UsageWindow
+from actors.accounts import AccountStatus, Credits, LimitFamily, Usage, UsageWindow
 from actors.errors import DEACTIVATED_CODES as DEACTIVATED_CODES
 from actors.errors import OVERLOAD_CODES as OVERLOAD_CODES
 from actors.errors import QUOTA_CODES as QUOTA_CODES
@@ -440,22 +440,66 @@ def _lower(headers: Any) -> dict[str, str]:
     return dict(_header_items(headers)) if headers else {}
 
 
-def usage_from_headers(headers: Mapping[str, str], now: float) -> Usage | None:
-    """Live usage from ``x-codex-{primary,secondary}-*`` response headers, if any."""
-    lowered = _lower(headers)
-    primary, secondary = (
-        _window(
-            {
-                field.replace("-", "_"): lowered.get(f"x-codex-{which}-{field}")
-                for field in ("used-percent", "window-minutes", "reset-at", "reset-after-seconds")
-            },
-            now,
-        )
-        for which in ("primary", "secondary")
-    )
-    if primary is None and secondary is None:
+_WINDOW_FIELDS = ("used-percent", "window-minutes", "reset-at", "reset-after-seconds")
+_FAMILY_HEADER = re.compile(r"^x-([a-z0-9][a-z0-9-]*?)-(?:primary|secondary)-used-percent$")
+_TRUE_WORDS = frozenset({"true", "1", "yes"})
+_BOOL_WORDS = _TRUE_WORDS | {"false", "0", "no"}
+
+
+def _header_window(lowered: Mapping[str, str], prefix: str, now: float) -> UsageWindow | None:
+    return _window({field.replace("-", "_"): lowered.get(f"{prefix}-{field}")
+                    for field in _WINDOW_FIELDS}, now)
+
+
+def _credits(data: Any) -> Credits | None:
+    """The ``credits`` object of /wham/usage and codex.rate_limits, leniently."""
+    if not isinstance(data, Mapping):
         return None
-    return Usage(primary=primary, secondary=secondary, updated_at=now)
+    has, unlimited = data.get("has_credits"), data.get("unlimited")
+    if not isinstance(has, bool) and not isinstance(unlimited, bool):
+        return None
+    balance = data.get("balance")
+    return Credits(has_credits=has is True, unlimited=unlimited is True,
+                   balance=None if balance is None else str(balance))
+
+
+def _header_credits(lowered: Mapping[str, str]) -> Credits | None:
+    has = (lowered.get("x-codex-credits-has-credits") or "").strip().lower()
+    unlimited = (lowered.get("x-codex-credits-unlimited") or "").strip().lower()
+    if has not in _BOOL_WORDS and unlimited not in _BOOL_WORDS:
+        return None
+    balance = (lowered.get("x-codex-credits-balance") or "").strip()
+    return Credits(has_credits=has in _TRUE_WORDS, unlimited=unlimited in _TRUE_WORDS,
+                   balance=balance or None)
+
+
+def _header_families(lowered: Mapping[str, str], now: float) -> tuple[LimitFamily, ...]:
+    """Limit families beside the plan's own: ``x-<name>-primary-*`` and ``x-<name>-limit-name``."""
+    names = sorted({m.group(1) for key in lowered if (m := _FAMILY_HEADER.match(key))} - {"codex"})
+    families = []
+    for name in names:
+        primary = _header_window(lowered, f"x-{name}-primary", now)
+        secondary = _header_window(lowered, f"x-{name}-secondary", now)
+        if primary is None and secondary is None:
+            continue
+        limit_name = (lowered.get(f"x-{name}-limit-name") or "").strip() or None
+        families.append(LimitFamily(name=name, limit_name=limit_name, primary=primary,
+                                    secondary=secondary))
+    return tuple(families)
+
+
+def usage_from_headers(headers: Mapping[str, str], now: float) -> Usage | None:
+    """Live usage from response headers, if any: the ``x-codex-{primary,secondary}-*``
+    windows, ``x-codex-credits-*`` and additional families ``x-<name>-primary-*``."""
+    lowered = _lower(headers)
+    primary = _header_window(lowered, "x-codex-primary", now)
+    secondary = _header_window(lowered, "x-codex-secondary", now)
+    credits = _header_credits(lowered)
+    families = _header_families(lowered, now)
+    if primary is None and secondary is None and credits is None and not families:
+        return None
+    return Usage(primary=primary, secondary=secondary, updated_at=now, credits=credits,
+                 families=families)
 
 
 def usage_from_rate_limits_event(payload: Mapping[str, Any], now: float) -> Usage | None:
@@ -466,9 +510,29 @@ def usage_from_rate_limits_event(payload: Mapping[str, Any], now: float) -> Usag
     source: Mapping[str, Any] = limits if isinstance(limits, Mapping) else payload
     primary = _window(_first(source, "primary", "primary_window"), now)
     secondary = _window(_first(source, "secondary", "secondary_window"), now)
-    if primary is None and secondary is None:
+    credits = _credits(payload.get("credits")) or _credits(source.get("credits"))
+    if primary is None and secondary is None and credits is None:
         return None
-    return Usage(primary=primary, secondary=secondary, updated_at=now)
+    return Usage(primary=primary, secondary=secondary, updated_at=now, credits=credits)
+
+
+def _wham_families(payload: Mapping[str, Any], now: float) -> tuple[LimitFamily, ...]:
+    extra = payload.get("additional_rate_limits")
+    families = []
+    for item in extra if isinstance(extra, list) else []:
+        if not isinstance(item, Mapping):
+            continue
+        limits = item.get("rate_limit")
+        limits = limits if isinstance(limits, Mapping) else {}
+        name = item.get("metered_feature") or item.get("limit_name")
+        primary = _window(limits.get("primary_window"), now)
+        secondary = _window(limits.get("secondary_window"), now)
+        if isinstance(name, str) and (primary is not None or secondary is not None):
+            limit_name = item.get("limit_name")
+            families.append(LimitFamily(
+                name=name, limit_name=limit_name if isinstance(limit_name, str) else None,
+                primary=primary, secondary=secondary))
+    return tuple(families)
 
 
 def usage_from_wham(payload: Any, now: float) -> Usage:
@@ -476,23 +540,31 @@ def usage_from_wham(payload: Any, now: float) -> Usage:
     if not isinstance(payload, Mapping) or "rate_limit" not in payload:
         raise InvalidPayload("usage answer is not an object with a rate_limit")
     limits = payload["rate_limit"]
+    credits = _credits(payload.get("credits"))
+    families = _wham_families(payload, now)
     if limits is None:
-        return Usage(updated_at=now)
+        return Usage(updated_at=now, credits=credits, families=families)
     if not isinstance(limits, Mapping):
         raise InvalidPayload("usage answer's rate_limit is not an object")
     return Usage(
         primary=_window(limits.get("primary_window"), now),
         secondary=_window(limits.get("secondary_window"), now),
         updated_at=now,
+        credits=credits,
+        families=families,
     )
 
 
 def merge_usage(old: Usage, new: Usage) -> Usage:
-    """A newer reading that lacks a window keeps the older reading's window."""
+    """A newer reading that lacks a window (or credits, or a family) keeps the older one's."""
+    families = {family.name: family for family in old.families}
+    families.update((family.name, family) for family in new.families)
     return Usage(
         primary=new.primary or old.primary,
         secondary=new.secondary or old.secondary,
         updated_at=new.updated_at if new.updated_at is not None else old.updated_at,
+        credits=new.credits or old.credits,
+        families=tuple(families.values()),
     )
 
 

@@ -37,38 +37,48 @@ def setup_logging(level: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = ("config file (default: $CODEX_LB_TRIO_CONFIG, "
+                   "else ~/.codex-lb-trio/config.toml if present)")
+    # `--config PATH` is accepted before the command and after any (sub)command, where a
+    # user would put it. SUPPRESS: a subcommand without it keeps the value given earlier.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     parser = argparse.ArgumentParser(
         prog="codex-lb-trio",
         description="A local account pool for Codex CLI and OpenAI-compatible clients.",
     )
-    parser.add_argument("--config", help="config file (default: $CODEX_LB_TRIO_CONFIG, "
-                        "else ~/.codex-lb-trio/config.toml if present)")
+    parser.add_argument("--config", help=config_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the proxy")
+    def command(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, parents=[common], **kwargs)
+        return sub
+
+    serve = command(commands, "serve", help="run the proxy")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 2455)")
     serve.set_defaults(run=cmd_serve)
 
-    accounts = commands.add_parser("accounts", help="add, list and manage pooled accounts")
+    accounts = command(commands, "accounts", help="add, list and manage pooled accounts")
     actions = accounts.add_subparsers(dest="action", required=True, metavar="ACTION")
-    imp = actions.add_parser("import", help="import a Codex CLI auth.json (default ~/.codex/auth.json)")
+    imp = command(actions, "import",
+                  help="import a Codex CLI auth.json (default ~/.codex/auth.json)")
     imp.add_argument("path", nargs="?", help="auth.json to import")
     imp.set_defaults(run=cmd_accounts_import)
-    login = actions.add_parser("login", help="log in with a browser (or --device)")
+    login = command(actions, "login", help="log in with a browser (or --device)")
     login.add_argument("--device", action="store_true", help="use the device-code flow")
     login.add_argument("--no-browser", action="store_true", help="only print the URL")
     login.set_defaults(run=cmd_accounts_login)
-    listing = actions.add_parser("list", help="show the pooled accounts")
+    listing = command(actions, "list", help="show the pooled accounts")
     listing.set_defaults(run=cmd_accounts_list)
     for name, help_text in (("pause", "stop routing requests to an account"),
                             ("resume", "route requests to a paused account again"),
                             ("remove", "delete an account and its tokens")):
-        action = actions.add_parser(name, help=help_text)
+        action = command(actions, name, help=help_text)
         action.add_argument("account_id")
         action.set_defaults(run=cmd_accounts_change, change=name)
 
-    status = commands.add_parser("status", help="ask the running server for accounts and clients")
+    status = command(commands, "status", help="ask the running server for accounts and clients")
     status.add_argument("--url", help="server URL (default from the config: http://host:port)")
     status.set_defaults(run=cmd_status)
     return parser

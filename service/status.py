@@ -178,21 +178,56 @@ def _account_lines(account: dict[str, Any], now: float) -> list[str]:
     head = "  ".join(printable(account.get(k) or "-") for k in ("id", "email", "plan"))
     lines = [f"  {head}  {status}"]
     usage = _dict(account.get("usage"))
-    shown = False
+    windows = _window_lines(usage, now, indent="    ")
+    lines += windows or ["    usage not known yet"]
+    credits = _dict(usage.get("credits"))
+    if credits:
+        lines.append("    " + _credits_line(credits, _plan_spent(usage, now)))
+    for family in usage.get("families") or []:
+        if not isinstance(family, dict):
+            continue
+        lines.append(f"    {family.get('limit_name') or family.get('name') or 'limit'}:")
+        lines += _window_lines(family, now, indent="      ")
+    return lines
+
+
+def _window_lines(usage: dict[str, Any], now: float, *, indent: str) -> list[str]:
+    lines = []
     for name in ("primary", "secondary"):
         window = usage.get(name)
         used = _number(window.get("used_percent")) if isinstance(window, dict) else None
         if used is None:
             continue
-        shown = True
-        line = f"    {name:<9} {usage_bar(used)}"
+        line = f"{indent}{name:<9} {usage_bar(used)}"
         reset_at = _number(window.get("reset_at")) if isinstance(window, dict) else None
         if reset_at is not None:
             line += f"  resets in {_duration(reset_at - now)}" if reset_at > now else "  reset"
         lines.append(line)
-    if not shown:
-        lines.append("    usage not known yet")
     return lines
+
+
+def _plan_spent(usage: dict[str, Any], now: float) -> bool:
+    """Whether a plan window is used up and has not reset yet."""
+    for name in ("primary", "secondary"):
+        window = _dict(usage.get(name))
+        used, reset_at = _number(window.get("used_percent")), _number(window.get("reset_at"))
+        if used is not None and used >= 100.0 and (reset_at is None or reset_at > now):
+            return True
+    return False
+
+
+def _credits_line(credits: dict[str, Any], plan_spent: bool) -> str:
+    if credits.get("unlimited"):
+        text = "credits   unlimited"
+    elif credits.get("has_credits"):
+        text = f"credits   balance {credits.get('balance') or '?'}"
+    else:
+        text = "credits   none"
+    usable = bool(credits.get("unlimited") or credits.get("has_credits"))
+    if plan_spent:
+        text += ("  (plan limit reached; still usable on credits)" if usable
+                 else "  (plan limit reached; no credits: waits for the reset)")
+    return text
 
 
 def _client_lines(clients: Any) -> list[str]:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, overload
 
 import trio
 from quart import Quart, Response, current_app, request, websocket
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from actors.balancer import sticky_key
-from actors.errors import ClientError, CodexLBError, InvalidResponse
+from actors.errors import ClientError, CodexLBError, InvalidResponse, ServerError
 from actors.openai_compat import (
     ChatStreamTranslator,
     ResponseAccumulator,
@@ -117,6 +119,133 @@ async def collect_final_response(exchange: Exchange) -> dict[str, Any]:
     return final
 
 
+# --- transcription uploads ------------------------------------------------------------------
+
+TRANSCRIBE_HEADER_TIMEOUT = 120.0  # the answer comes after the whole audio was transcribed
+MAX_PROMPT_BYTES = 64 * 1024
+
+
+class UploadTooLarge(ClientError):
+    """The upload passed ``server.max_body_bytes`` while it was being streamed."""
+
+
+class UploadStream:
+    """The client's upload, streamed once into the upstream request, never buffered whole.
+
+    The size limit is enforced on the bytes as they pass. A second iteration (a retry
+    after the upload was consumed) fails instead of sending an empty body.
+    """
+
+    def __init__(self, source: AsyncIterable[bytes], *, max_bytes: int) -> None:
+        self._source = source
+        self.max_bytes = max_bytes
+        self.sent = 0
+        self.too_large = False
+        self._used = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._used:
+            raise ServerError("the upstream failed after the upload was sent; send it again",
+                              status=502, code="upload_not_replayable")
+        self._used = True
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._source:
+                self.sent += len(chunk)
+                if self.sent > self.max_bytes:
+                    raise RequestEntityTooLarge()
+                yield chunk
+        except RequestEntityTooLarge:  # ours, or Quart's own MAX_CONTENT_LENGTH check
+            self.too_large = True
+            raise UploadTooLarge(f"request body larger than {self.max_bytes} bytes",
+                                 status=413) from None
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary of a ``multipart/form-data`` body, or a 415/400 saying what is wrong."""
+    mime, _, params = content_type.partition(";")
+    if mime.strip().lower() != "multipart/form-data":
+        raise ClientError(f"expected Content-Type: multipart/form-data, got "
+                          f"{content_type[:60] or 'none'}", status=415)
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1")
+    raise ClientError("multipart/form-data without a boundary")
+
+
+def _part_head(boundary: str, name: str, *, filename: str | None = None,
+               content_type: str | None = None) -> bytes:
+    def quoted(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "")
+
+    disposition = f'form-data; name="{name}"'
+    if filename is not None:
+        disposition += f'; filename="{quoted(filename)}"'
+    head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+    if content_type:
+        head += f"Content-Type: {quoted(content_type)}\r\n"
+    return (head + "\r\n").encode("utf-8")
+
+
+async def transcription_parts(source: AsyncIterable[bytes], boundary_in: bytes,
+                              boundary_out: str) -> AsyncIterator[bytes]:
+    """OpenAI's transcription form re-encoded as the backend's: ``file`` and ``prompt`` only.
+
+    Streams: the file's bytes pass through as they arrive; ``model`` and the other OpenAI
+    fields are dropped; the prompt (small, bounded) goes last whatever its position.
+    """
+    decoder = MultipartDecoder(boundary_in)
+    current, prompt, saw_file = "", bytearray(), False
+
+    def events() -> list[Any]:
+        out = []
+        while not isinstance(event := decoder.next_event(), NeedData | Epilogue):
+            out.append(event)
+        return out
+
+    async def take(chunk: bytes | None) -> AsyncIterator[bytes]:
+        nonlocal current, saw_file
+        try:
+            decoder.receive_data(chunk)
+            parsed = events()
+        except ValueError as exc:
+            raise ClientError(f"malformed multipart body: {exc}") from None
+        for event in parsed:
+            if isinstance(event, File):
+                current = "file" if event.name == "file" and not saw_file else ""
+                if current:
+                    saw_file = True
+                    yield _part_head(boundary_out, "file", filename=event.filename or "audio",
+                                     content_type=event.headers.get("content-type"))
+            elif isinstance(event, Field):
+                current = "prompt" if event.name == "prompt" else ""
+            elif isinstance(event, Data):
+                if current == "file":
+                    if event.data:
+                        yield event.data
+                    if not event.more_data:
+                        yield b"\r\n"
+                elif current == "prompt":
+                    prompt.extend(event.data)
+                    if len(prompt) > MAX_PROMPT_BYTES:
+                        raise ClientError(f"prompt longer than {MAX_PROMPT_BYTES} bytes",
+                                          param="prompt")
+
+    async for chunk in source:
+        async for piece in take(chunk):
+            yield piece
+    async for piece in take(None):
+        yield piece
+    if not saw_file:
+        raise ClientError("the multipart field `file` is required", param="file")
+    if prompt:
+        yield _part_head(boundary_out, "prompt") + bytes(prompt) + b"\r\n"
+    yield f"--{boundary_out}--\r\n".encode()
+
+
 def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
     proxy = engine.proxy
 
@@ -130,22 +259,27 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         ))
 
     @app.post("/backend-api/codex/responses")
+    @app.post("/responses", endpoint="root_responses")
     async def codex_responses() -> Response:
+        # /responses: the same for clients whose base URL is the server root.
         return sse_response(await forward_codex("/codex/responses", stream=True))
 
     @app.websocket("/backend-api/codex/responses")
+    @app.websocket("/responses", endpoint="root_responses_websocket")
     async def codex_responses_websocket() -> Response | None:
         try:
             headers = checked_headers(websocket.headers.items())
             session = await proxy.open_websocket(ProxyRequest(
-                path="/codex/responses", headers=headers, sticky_key=sticky_key(dict(headers), None),
+                path="/codex/responses", headers=headers,
+                sticky_key=sticky_key(dict(headers), None),
             ))
         except CodexLBError as exc:
             # Refuse the upgrade with a plain HTTP error (Codex then falls back to SSE).
-            from service.app import upgrade_refusal, error_response
+            from service.app import error_response, upgrade_refusal
 
             return upgrade_refusal(error_response(exc))
-        await websocket.accept()
+        # The upstream's upgrade headers Codex reads (x-codex-turn-state, x-models-etag, …).
+        await websocket.accept(headers=session.headers)
 
         async def client_to_upstream() -> None:
             with session.to_upstream:
@@ -184,6 +318,54 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         if not isinstance(models, list):
             raise InvalidResponse("upstream model catalog has no models list")
         return models
+
+    async def transcribe(content: AsyncIterable[bytes], content_type: str,
+                         upload: UploadStream) -> Exchange:
+        headers = tuple((k, v) for k, v in client_headers() if k != "content-type")
+        try:
+            return await proxy.forward(ProxyRequest(
+                path="/transcribe", headers=(*headers, ("content-type", content_type)),
+                content=content, stream=False, header_timeout=TRANSCRIBE_HEADER_TIMEOUT,
+            ))
+        except CodexLBError:
+            if upload.too_large:
+                raise RequestEntityTooLarge() from None  # answered 413, connection closed
+            raise
+
+    def upload_of() -> UploadStream:
+        length = request.content_length
+        if length is not None and length > config.server.max_body_bytes:
+            raise RequestEntityTooLarge()
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ClientError("transcription uploads are not accepted with a Content-Encoding",
+                              status=415, param="content-encoding")
+        return UploadStream(request.body, max_bytes=config.server.max_body_bytes)
+
+    @app.post("/backend-api/transcribe")
+    async def backend_transcribe() -> Response:
+        """Codex's dictation: the multipart body goes up byte for byte, as it arrives."""
+        content_type = request.headers.get("content-type", "")
+        multipart_boundary(content_type)
+        upload = upload_of()
+        exchange = await transcribe(upload, content_type, upload)
+        return Response(exchange.body, status=exchange.status,
+                        content_type=exchange.headers.get("content-type", "application/json"))
+
+    @app.post("/v1/audio/transcriptions")
+    async def v1_transcriptions() -> Response:
+        """OpenAI's shape mapped onto the backend's: ``model`` is ignored; ``{"text": …}``."""
+        boundary_in = multipart_boundary(request.headers.get("content-type", ""))
+        upload = upload_of()
+        boundary_out = "codex-lb-trio-" + secrets.token_hex(12)
+        exchange = await transcribe(
+            transcription_parts(upload, boundary_in, boundary_out),
+            f"multipart/form-data; boundary={boundary_out}", upload)
+        try:
+            text = json.loads(exchange.body)["text"]
+        except (ValueError, KeyError, TypeError):
+            raise InvalidResponse("upstream transcription answer has no text") from None
+        return _json({"text": text})
 
     @app.get("/backend-api/codex/models")
     async def codex_models() -> Response:

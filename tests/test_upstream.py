@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from actors import errors
-from actors.accounts import AccountStatus, Usage, UsageWindow
+from actors.accounts import AccountStatus, Credits, Usage, UsageWindow
 from actors.openai_compat import (
     ChatStreamTranslator,
     ResponseAccumulator,
@@ -333,6 +333,7 @@ def test_usage_from_wham() -> None:
         primary=UsageWindow(used_percent=12.0, reset_at=1700010000.0, window_seconds=18000),
         secondary=UsageWindow(used_percent=3.0, reset_at=NOW + 3600, window_seconds=604800),
         updated_at=NOW,
+        credits=Credits(has_credits=False, unlimited=False, balance="0"),
     )
     assert usage_from_wham({"rate_limit": None}, NOW) == Usage(updated_at=NOW)
 

@@ -209,3 +209,35 @@ async def test_upstream_sees_no_remote_addr_from_the_proxy(
             seen = fake_upstream.requests_for(endpoint)
             assert seen
             assert [r.headers.get("remote-addr") for r in seen] == ["127.0.0.1"] * len(seen)
+
+
+async def test_codex_websocket_session_survives_upstream_socket_closing_between_turns(
+    tmp_path, fake_upstream, chaos, codex_binary, loopback_sink
+):
+    """A multi-turn WebSocket session (Codex's prewarm turn, then the real turn) in which the
+    upstream closes its socket after every turn, as an idle socket dies or the backend's
+    60-minute cap ends it. Codex must not notice: the next turn goes out on a fresh upstream
+    socket of the same pooled account.
+    """
+    fake_upstream.websocket_close_after_turns = 1
+    with trio.fail_after(TEST_DEADLINE):
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack:
+            run, own = await codex_turn(tmp_path, stack, codex_binary, loopback_sink,
+                                        websockets=True)
+            pooled = fake_upstream.account(POOLED_ACCOUNT_ID)
+
+            assert_codex_succeeded(run)
+            assert_stayed_on_loopback(run, loopback_sink, fake_upstream)
+            assert "error" not in run.stdout.lower(), run.describe()
+            assert fake_upstream.count("responses") == 0  # no fallback to HTTP
+            frames = [r.body for r in fake_upstream.requests_for("ws_turns")]
+            assert [frame.get("generate", True) for frame in frames] == [False, True], frames
+            assert mentions_prompt(frames[1])
+            # Each turn had its own upstream socket, all on the pooled account.
+            assert fake_upstream.count("ws_idle_closes", POOLED_ACCOUNT_ID) == 2
+            upgrades = fake_upstream.requests_for("ws_connections")
+            assert len(upgrades) == 2
+            for upgrade in upgrades:
+                assert_pooled_credentials(upgrade.headers, pooled, own)
+            # The session kept its identity across sockets.
+            assert upgrades[0].headers["session-id"] == upgrades[1].headers["session-id"]

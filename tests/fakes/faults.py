@@ -18,7 +18,7 @@ ANY_ACCOUNT = "*"
 
 # "ws" faults are taken at the next opportunity: the upgrade takes HTTP-status kinds,
 # a turn takes any kind (see tests/README.md).
-ENDPOINTS = frozenset({"responses", "models", "usage", "token", "compact", "ws"})
+ENDPOINTS = frozenset({"responses", "models", "usage", "token", "compact", "ws", "transcribe"})
 
 StopMode = Literal["silent", "close"]
 TokenErrorShape = Literal["nested", "oauth", "error_code", "code"]

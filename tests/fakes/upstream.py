@@ -23,7 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .faults import ENDPOINTS, Fault, FaultBook, FaultKind
 from .logins import LoginDesk
 from .tokens import CLIENT_ID, FakeAccount, TokenSession, TokenVault, auth_json, pkce_challenge
-from .upstream_routes import DropConnection, build_app
+from .upstream_routes import DropConnection, FakeSocket, build_app
 from .wire import default_models
 
 log = logging.getLogger("tests.fakes.upstream")
@@ -69,6 +69,12 @@ class FakeUpstream:
         self.next_login: FakeAccount | None = None
         self.device_poll_interval = 1
         self.allowed_redirect_uris: set[str] | None = None  # None: any redirect_uri
+        self.websocket_max_age: float | None = None  # seconds (trio clock); None: no cap
+        self.websocket_close_after_turns: int | None = None  # close each socket after N turns
+        self.models_etag = "fake-models-etag-1"
+        self.transcription_text: str | None = None  # None: "fake transcription of N bytes"
+        self.sockets: set[FakeSocket] = set()  # open WebSockets
+        self.ws_raw_frames: list[str] = []  # every text frame received, exactly as sent
         # State.
         self.accounts: dict[str, FakeAccount] = {}
         self.requests: list[RecordedRequest] = []
@@ -250,6 +256,25 @@ class FakeUpstream:
         """Approve a pending device login as ``account`` (default: ``login_account()``)."""
         self.logins.approve_device(user_code, account)
 
+    # --- websockets ---------------------------------------------------------------
+
+    def close_idle_websockets(self) -> int:
+        """Close every open WebSocket that is between turns (an idle socket dying).
+
+        Returns how many it closed; each close is recorded as ``ws_idle_closes``.
+        """
+        idle = [sock for sock in self.sockets if not sock.in_turn]
+        for sock in idle:
+            sock.close_idle.set()
+        return len(idle)
+
+    def age_out_websockets(self) -> int:
+        """Every open WebSocket refuses its next turn as the 60-minute cap does
+        (an ``error`` frame ``websocket_connection_limit_reached``, then a close)."""
+        for sock in self.sockets:
+            sock.aged = True
+        return len(self.sockets)
+
     # --- faults, usage, counters --------------------------------------------------
 
     def fault(
@@ -271,9 +296,21 @@ class FakeUpstream:
         primary_reset_at: float | None = None,
         secondary_used: float | None = None,
         secondary_reset_at: float | None = None,
+        has_credits: bool | None = None,
+        credits_balance: str | None = None,
+        credits_unlimited: bool | None = None,
+        extra_limits: dict[str, tuple[str, float]] | None = None,
     ) -> None:
         """Change what /wham/usage, the x-codex-* headers and codex.rate_limits report."""
         usage = self.accounts[chatgpt_account_id].usage
+        if has_credits is not None:
+            usage.has_credits = has_credits
+        if credits_balance is not None:
+            usage.credits_balance = credits_balance
+        if credits_unlimited is not None:
+            usage.credits_unlimited = credits_unlimited
+        if extra_limits is not None:
+            usage.extra_limits = dict(extra_limits)
         if primary_used is not None:
             usage.primary_used = primary_used
         if primary_reset_at is not None:
@@ -330,6 +367,7 @@ class FakeUpstream:
         self.faults.clear()
         self._counts.clear()
         self.requests.clear()
+        self.ws_raw_frames.clear()
 
 
 @asynccontextmanager

@@ -25,6 +25,9 @@ _SETTINGS: dict[str, type | tuple[type, ...]] = {
     "device_poll_interval": (int, float),
     "revoke_family_on_reuse": bool,
     "models": list,
+    "websocket_max_age": (int, float, type(None)),
+    "websocket_close_after_turns": (int, type(None)),
+    "transcription_text": (str, type(None)),
 }
 
 
@@ -111,7 +114,10 @@ def add_control_routes(app: QuartTrio, fake: FakeUpstream) -> None:
         data = await body()
         account_id = str(_require(data, "account"))
         del data["account"]
-        fake.set_usage(account_id, **{k: float(v) for k, v in data.items()})
+        flags = {k: bool(data.pop(k)) for k in ("has_credits", "credits_unlimited") if k in data}
+        if "credits_balance" in data:
+            flags["credits_balance"] = str(data.pop("credits_balance"))
+        fake.set_usage(account_id, **flags, **{k: float(v) for k, v in data.items()})
         return _answer({"usage": account_id})
 
     @control.post("/settings")
@@ -126,6 +132,14 @@ def add_control_routes(app: QuartTrio, fake: FakeUpstream) -> None:
                 raise ValueError(f"bad setting {name}={value!r}")
             setattr(fake, name, value)
         return _answer({"settings": sorted(data)})
+
+    @control.post("/websockets/close_idle")
+    async def close_idle_websockets() -> Response:
+        return _answer({"closed": fake.close_idle_websockets()})
+
+    @control.post("/websockets/age_out")
+    async def age_out_websockets() -> Response:
+        return _answer({"aged": fake.age_out_websockets()})
 
     @control.post("/rotate")
     async def rotate() -> Response:

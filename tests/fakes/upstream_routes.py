@@ -8,13 +8,18 @@ whose work is done (a refresh has rotated the tokens even if the client never he
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
+import zstandard
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
@@ -51,6 +56,41 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     text = body if isinstance(body, str) else json.dumps(body)
     mimetype = "text/plain" if isinstance(body, str) else "application/json"
     return Response(text, status=status, headers=headers or {}, mimetype=mimetype)
+
+
+def decode_body(raw: bytes, encoding: str) -> tuple[Any, Response | None]:
+    """The JSON body as the backend reads it: decoded per Content-Encoding first.
+
+    Unknown encodings answer 415, corrupt ones 400 (what a strict backend would do).
+    """
+    encoding = encoding.strip().lower()
+    try:
+        if encoding in ("", "identity"):
+            data = raw
+        elif encoding in ("gzip", "x-gzip"):
+            data = gzip.decompress(raw)
+        elif encoding == "deflate":
+            try:
+                data = zlib.decompress(raw)
+            except zlib.error:
+                data = zlib.decompress(raw, -zlib.MAX_WBITS)  # raw deflate, as some send it
+        elif encoding == "zstd":
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+        else:
+            return None, _json({"error": {"code": "unsupported_content_encoding",
+                                          "message": f"fake: unknown encoding {encoding}"}}, 415)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError):
+        return None, _json({"error": {"code": "invalid_content_encoding",
+                                      "message": f"fake: corrupt {encoding} body"}}, 400)
+    try:
+        return json.loads(data), None
+    except ValueError:
+        return None, None
+
+
+async def _request_body() -> tuple[Any, Response | None]:
+    raw = await request.get_data()
+    return decode_body(raw, request.headers.get("content-encoding", ""))
 
 
 def _fault_response(fault: Fault) -> Response:
@@ -150,16 +190,42 @@ def build_app(fake: FakeUpstream) -> QuartTrio:
 
     @app.post("/backend-api/codex/responses/compact")
     async def compact() -> Response:
-        body = await request.get_json(force=True, silent=True)
+        body, problem = await _request_body()
+        if problem is not None:
+            fake.record("compact", None, _lower_headers(request.headers.items()), None)
+            return problem
 
         async def work(_account_id: str, fault: Fault | None) -> Response:
             return await _deliver_json(fake, fault, 200, {"output": compacted_output(body)}, {})
 
         return await backend_call("compact", body, work)
 
+    @app.post("/backend-api/transcribe")
+    async def transcribe() -> Response:
+        files = await request.files
+        form = await request.form
+        upload = files.get("file")
+        data = upload.read() if upload is not None else b""
+        seen = {"filename": upload.filename if upload is not None else None,
+                "content_type": upload.content_type if upload is not None else None,
+                "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "prompt": form.get("prompt"), "fields": sorted(form.keys())}
+
+        async def work(_account_id: str, fault: Fault | None) -> Response:
+            if upload is None:
+                return _json({"error": {"code": "invalid_request", "message": "fake: no file"}},
+                             400)
+            text = fake.transcription_text or f"fake transcription of {len(data)} bytes"
+            return await _deliver_json(fake, fault, 200, {"text": text}, {})
+
+        return await backend_call("transcribe", seen, work)
+
     @app.post("/backend-api/codex/responses")
     async def responses() -> Response:
-        body = await request.get_json(force=True, silent=True)
+        body, problem = await _request_body()
+        if problem is not None:
+            fake.record("responses", None, _lower_headers(request.headers.items()), None)
+            return problem
 
         async def work(account_id: str, fault: Fault | None) -> Response:
             if fault is not None and fault.kind is FaultKind.SLOW_HEADERS:
@@ -202,20 +268,43 @@ def build_app(fake: FakeUpstream) -> QuartTrio:
             return _refuse_upgrade(_fault_response(fault))
         if fault is not None:  # slow_headers: a slow upgrade
             await _sleep_unless_closing(fake, fault.seconds)
-        await websocket.accept()
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
+        account = fake.account(account_id)
+        accept_headers = rate_limit_headers(account.usage, now=time.time())
+        accept_headers.update({
+            "x-codex-turn-state": "fake-turn-state-" + secrets.token_hex(6),
+            "x-models-etag": fake.models_etag,
+            "x-reasoning-included": "true",
+            "openai-model": "gpt-5.1-codex",
+        })
+        await websocket.accept(headers=accept_headers)
+        sock = FakeSocket(account_id=account_id, opened_at=trio.current_time())
+        fake.sockets.add(sock)
+        close_code, close_reason = 1000, ""
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
 
-                async def stop_on_closing() -> None:
-                    await fake.closing.wait()
-                    scope.cancel()
+                    async def stop_on_closing() -> None:
+                        await fake.closing.wait()
+                        scope.cancel()
 
-                nursery.start_soon(stop_on_closing)
-                close_code = await _serve_ws_turns(fake, account_id, headers)
-                nursery.cancel_scope.cancel()
+                    async def stop_on_idle_close() -> None:
+                        await sock.close_idle.wait()
+                        scope.cancel()
+
+                    nursery.start_soon(stop_on_closing)
+                    nursery.start_soon(stop_on_idle_close)
+                    close_code, close_reason = await _serve_ws_turns(fake, sock, headers)
+                    nursery.cancel_scope.cancel()
+        finally:
+            fake.sockets.discard(sock)
         if scope.cancelled_caught:
-            close_code = 1001  # going away: the fake is shutting down
-        await websocket.close(close_code)
+            if fake.closing.is_set():
+                close_code, close_reason = 1001, "fake upstream shutting down"
+            else:
+                close_code, close_reason = 1000, "idle timeout"
+                fake.record("ws_idle_closes", account_id, headers, None)
+        await websocket.close(close_code, close_reason)
         return None
 
     # --- auth server ----------------------------------------------------------------
@@ -334,15 +423,37 @@ def _turn_events(
     return events
 
 
-async def _serve_ws_turns(fake: FakeUpstream, account_id: str, headers: dict[str, str]) -> int:
-    """Answer response.create frames until the client leaves; returns the close code."""
+class FakeSocket:
+    """One open WebSocket of the fake: its age, whether a turn runs, and close requests."""
+
+    def __init__(self, *, account_id: str, opened_at: float) -> None:
+        self.account_id = account_id
+        self.opened_at = opened_at
+        self.in_turn = False
+        self.turns = 0
+        self.aged = False  # the next turn is refused with websocket_connection_limit_reached
+        self.close_idle = trio.Event()
+
+
+async def _serve_ws_turns(
+    fake: FakeUpstream, sock: FakeSocket, headers: dict[str, str]
+) -> tuple[int, str]:
+    """Answer frames until the client leaves; returns the close code and reason."""
+    account_id = sock.account_id
     while True:
         raw = await websocket.receive()
+        if isinstance(raw, str):
+            fake.ws_raw_frames.append(raw)
         try:
             frame = json.loads(raw)
         except ValueError:
             frame = None
-        if not isinstance(frame, dict) or frame.get("type") != "response.create":
+        kind = frame.get("type") if isinstance(frame, dict) else None
+        if kind in ("response.processed", "response.append"):
+            # Acknowledgements and appends of newer Codex: recorded, no answer.
+            fake.record("ws_" + kind.removeprefix("response."), account_id, headers, frame)
+            continue
+        if kind != "response.create":
             await websocket.send(
                 json.dumps(
                     {
@@ -354,34 +465,66 @@ async def _serve_ws_turns(fake: FakeUpstream, account_id: str, headers: dict[str
             )
             continue
         fake.record("ws_turns", account_id, headers, frame)
-        fault = fake.faults.take(account_id, "ws")
-        if fault is not None and fault.kind in ERROR_STATUS_KINDS:
-            body = fault.error_body()
-            error = body.get("error") if isinstance(body, dict) else None
-            await websocket.send(
-                json.dumps(
-                    {
-                        "type": "error",
-                        "status": fault.http_status,
-                        "error": error if isinstance(error, dict) else body,
-                        "headers": dict(fault.headers),
-                    }
-                )
+        max_age = fake.websocket_max_age
+        if sock.aged or (max_age is not None and trio.current_time() - sock.opened_at >= max_age):
+            # The backend's 60-minute cap: the turn is refused, the socket closes.
+            fake.record("ws_limit_closes", account_id, headers, None)
+            await websocket.send(json.dumps({
+                "type": "error", "status": 400,
+                "error": {"type": "invalid_request_error",
+                          "code": "websocket_connection_limit_reached",
+                          "message": "fake: Responses websocket connection limit reached "
+                                     "(60 minutes). Create a new websocket connection."},
+            }))
+            return 1000, "websocket_connection_limit_reached"
+        sock.in_turn = True
+        try:
+            close = await _serve_ws_turn(fake, account_id, frame)
+        finally:
+            sock.in_turn = False
+        if close is not None:
+            return close
+        sock.turns += 1
+        limit = fake.websocket_close_after_turns
+        if limit is not None and sock.turns >= limit:
+            # The socket dies between turns, right after this one's terminal event.
+            fake.record("ws_idle_closes", account_id, headers, None)
+            return 1000, "idle timeout"
+
+
+async def _serve_ws_turn(
+    fake: FakeUpstream, account_id: str, frame: dict[str, Any]
+) -> tuple[int, str] | None:
+    """One response.create; a close code and reason if the socket must close after it."""
+    fault = fake.faults.take(account_id, "ws")
+    if fault is not None and fault.kind in ERROR_STATUS_KINDS:
+        body = fault.error_body()
+        error = body.get("error") if isinstance(body, dict) else None
+        await websocket.send(
+            json.dumps(
+                {
+                    "type": "error",
+                    "status": fault.http_status,
+                    "error": error if isinstance(error, dict) else body,
+                    "headers": dict(fault.headers),
+                }
             )
-            continue
-        if fault is not None and fault.kind is FaultKind.INVALID_PAYLOAD:
-            await websocket.send(json.dumps({"detail": "fake: a frame without a type"}))
-            continue
-        if fault is not None and fault.kind is FaultKind.SLOW_HEADERS:
-            await _sleep_unless_closing(fake, fault.seconds)
-        for number, event in enumerate(_turn_events(fake, account_id, frame, fault)):
-            if number and fake.event_delay:
-                await trio.sleep(fake.event_delay)
-            await websocket.send(json.dumps(event))
-        if fault is not None and fault.kind is FaultKind.STOP_MIDWAY:
-            if fault.mode == "close":
-                return 1011
-            await trio.sleep_forever()  # ended by the client leaving or the fake closing
+        )
+        return None
+    if fault is not None and fault.kind is FaultKind.INVALID_PAYLOAD:
+        await websocket.send(json.dumps({"detail": "fake: a frame without a type"}))
+        return None
+    if fault is not None and fault.kind is FaultKind.SLOW_HEADERS:
+        await _sleep_unless_closing(fake, fault.seconds)
+    for number, event in enumerate(_turn_events(fake, account_id, frame, fault)):
+        if number and fake.event_delay:
+            await trio.sleep(fake.event_delay)
+        await websocket.send(json.dumps(event))
+    if fault is not None and fault.kind is FaultKind.STOP_MIDWAY:
+        if fault.mode == "close":
+            return 1011, "stop_midway"
+        await trio.sleep_forever()  # ended by the client leaving or the fake closing
+    return None
 
 
 def _authorize_problem(fake: FakeUpstream, args: Any) -> str:

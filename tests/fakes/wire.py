@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PRIMARY_WINDOW_MINUTES = 300  # the 5-hour window
@@ -27,6 +27,10 @@ class UsageState:
     secondary_window_minutes: int = SECONDARY_WINDOW_MINUTES
     has_credits: bool = False
     credits_balance: str = "0"
+    credits_unlimited: bool = False
+    # Additional limit families, as the backend reports them next to the main one:
+    # header prefix (e.g. "codex-bengalfox") -> (limit name, primary used percent).
+    extra_limits: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def window(self, which: str, now: float) -> tuple[float, int, int]:
         """(used_percent, reset_at epoch, window_minutes) for ``primary``/``secondary``."""
@@ -61,11 +65,15 @@ def usage_json(usage: UsageState, *, plan: str, now: float) -> dict[str, Any]:
             "primary_window": window("primary"),
             "secondary_window": window("secondary"),
         },
-        "credits": {
-            "has_credits": usage.has_credits,
-            "unlimited": False,
-            "balance": usage.credits_balance,
-        },
+        "credits": credits_json(usage),
+    }
+
+
+def credits_json(usage: UsageState) -> dict[str, Any]:
+    return {
+        "has_credits": usage.has_credits,
+        "unlimited": usage.credits_unlimited,
+        "balance": usage.credits_balance,
     }
 
 
@@ -77,6 +85,15 @@ def rate_limit_headers(usage: UsageState, *, now: float) -> dict[str, str]:
         headers[f"x-codex-{which}-used-percent"] = f"{used:g}"
         headers[f"x-codex-{which}-window-minutes"] = str(minutes)
         headers[f"x-codex-{which}-reset-at"] = str(reset_at)
+    headers["x-codex-credits-has-credits"] = "true" if usage.has_credits else "false"
+    headers["x-codex-credits-unlimited"] = "true" if usage.credits_unlimited else "false"
+    headers["x-codex-credits-balance"] = usage.credits_balance
+    for prefix, (limit_name, used) in usage.extra_limits.items():
+        _, reset_at, minutes = usage.window("primary", now)
+        headers[f"x-{prefix}-primary-used-percent"] = f"{used:g}"
+        headers[f"x-{prefix}-primary-window-minutes"] = str(minutes)
+        headers[f"x-{prefix}-primary-reset-at"] = str(reset_at)
+        headers[f"x-{prefix}-limit-name"] = limit_name
     return headers
 
 
@@ -102,6 +119,7 @@ def rate_limits_event(usage: UsageState, *, plan: str, now: float) -> dict[str, 
             "primary": window("primary"),
             "secondary": window("secondary"),
         },
+        "credits": credits_json(usage),
     }
 
 
