@@ -393,3 +393,33 @@ async def test_websocket_turns_leave_one_row_each(tmp_path: Path, fake_upstream,
             assert rows[1]["generation"] >= 1
             assert rows[1]["client"] == rows[2]["client"] != ""
             assert fake_upstream.count("ws_turns") == 2
+
+
+async def test_a_websocket_turn_that_fails_over_says_so(tmp_path: Path, fake_upstream,
+                                                        chaos) -> None:
+    import trio_websocket
+
+    with trio.fail_after(60):
+        async with open_stack(tmp_path, fake_upstream, chaos, accounts=2) as stack:
+            url = stack.url.replace("http://", "ws://") + "/backend-api/codex/responses"
+            headers = [(b"openai-beta", b"responses_websockets=2026-02-06")]
+            async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+                for turn in range(2):
+                    if turn == 1:  # the socket is open: the fault hits this turn
+                        fake_upstream.fault("*", "ws", Fault.rate_limited(), times=1)
+                    await ws.send_message(json.dumps({"type": "response.create", **CODEX_BODY}))
+                    while json.loads(await ws.get_message())["type"] != "response.completed":
+                        pass
+            async with stack.http() as client:
+                rows: list[dict] = []
+                with trio.fail_after(5):
+                    while len(rows) < 2:
+                        await trio.sleep(0.2)
+                        rows = (await client.get("/api/requests")).json()["requests"]
+            failed_over, first = rows
+            assert first["failovers"] == 0
+            assert failed_over["failovers"] == 1
+            assert failed_over["attempts"] == 2
+            assert failed_over["terminal"] == "response.completed"
+            assert failed_over["account_id"] != first["account_id"]
+            assert failed_over["model"] == CODEX_BODY["model"]
