@@ -133,8 +133,12 @@ def _request_rows(requests: list[dict[str, Any]]) -> str:
 def _network_html(data: dict[str, Any]) -> tuple[str, str]:
     clients = data.get("clients") or {}
     retired = {str(g) for g in clients.get("retired") or []}
-    gens = [f'<tr><td>{_e(g)}</td><td>{"draining" if g in retired else "current"}</td>'
-            f'<td class="num">{_e(n)}</td></tr>'
+    dead = {str(g) for g in clients.get("dead") or []}  # path proven dead (when published)
+
+    def role(g: str) -> str:
+        return ("draining" if g in retired else "current") + (", path dead" if g in dead else "")
+
+    gens = [f'<tr><td>{_e(g)}</td><td>{role(g)}</td><td class="num">{_e(n)}</td></tr>'
             for g, n in sorted((clients.get("leases") or {}).items(), key=lambda i: int(i[0]))]
     events = []
     for ev in data.get("timeline") or []:

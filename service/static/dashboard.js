@@ -173,8 +173,10 @@
     const c = state.clients || { leases: {}, retired: [] };
     $("#generation").textContent = c.generation ?? "?";
     const retired = new Set((c.retired || []).map(String));
+    const dead = new Set((c.dead || []).map(String));  // path proven dead (when published)
+    const role = (g) => (retired.has(g) ? "draining" : "current") + (dead.has(g) ? ", path dead" : "");
     const gens = Object.entries(c.leases || {}).sort((a, b) => Number(a[0]) - Number(b[0]))
-      .map(([g, n]) => h("tr", {}, h("td", {}, g), h("td", {}, retired.has(g) ? "draining" : "current"),
+      .map(([g, n]) => h("tr", {}, h("td", {}, g), h("td", {}, role(g)),
         h("td", { class: "num" }, n)));
     $("#generation-rows").replaceChildren(...(gens.length ? gens : [h("tr", {}, h("td", { colspan: 3, class: "muted" }, "unknown"))]));
     const events = (state.timeline || []).map((ev) => h("li", {},
