@@ -92,6 +92,7 @@ class RequestStats:
     failovers: int = 0
     generation: int = 0
     first_event: float | None = None
+    ended: float | None = None  # when the client had its answer (else: when the task ended)
     status: int = 0
     terminal: str = ""
     error_code: str = ""
@@ -126,7 +127,7 @@ class RequestStats:
             status=self.status, terminal=self.terminal, error_code=self.error_code,
             attempts=self.attempts, failovers=self.failovers, generation=self.generation,
             ttfe_ms=None if self.first_event is None else (self.first_event - self.started) * 1000,
-            duration_ms=max(0.0, now - self.started) * 1000,
+            duration_ms=max(0.0, (now if self.ended is None else self.ended) - self.started) * 1000,
             cooldown_accounts=tuple(self.cooldowns), **tokens,
         )
 
