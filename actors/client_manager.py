@@ -19,30 +19,50 @@ closes the client once the last holder released it (or after ``drain_timeout``),
 in-flight streams finish on the connection they started on.
 
 Each generation is a task in the manager's nursery; shutdown is that nursery's end.
+
+Path health is decided by evidence (DESIGN.md §2), each piece an ``Evidence`` value
+scoped to one host (one manager per host), one generation and, for address evidence,
+one local address:
+
+* a header timeout or a reset on generation N (a TRANSPORT rotation from N) only makes
+  N *suspect*; N is marked dead when a newer generation answers a call sent after that;
+* a hedge that wins on a fresh generation marks the original's generation dead; one
+  that loses (the upstream is slow, not dead) marks nothing;
+* the watcher's address change shuts exactly the sockets bound to another address;
+* a wake marks every generation older than the current one dead.
+
+A dead generation's exchanges (header waits and stream silences alike) end after
+``dead_path_silence`` counted from each one's last sign of life.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, assert_never
 
 import httpx
 import trio
 
-from actors.errors import ActorUnavailable, Phase, TransportError, classify
+from actors.errors import ActorUnavailable, Phase, TransportError, classify, is_kernel_timeout
 from actors.messages import (
     DEAD_PATH_REASONS,
     Acquire,
+    AddressChanged,
     ClientManagerMessage,
     ClientStats,
+    Evidence,
+    EvidenceKind,
     GetClientStats,
+    HeadersSeen,
+    HedgeDone,
     LeaseGrant,
+    LeaseNote,
     Release,
     Rotate,
     RotationReason,
@@ -51,6 +71,7 @@ from actors.messages import (
     call,
     close_inbox,
 )
+from actors.path_health import HeaderLatency, SocketRegistry, track_sockets, upstream_socket_options
 
 log = logging.getLogger("codex_lb_trio.clients")
 
@@ -62,23 +83,30 @@ CLOSE_GRACE = 5.0  # bound on closing one client's sockets
 class ClientSettings:
     """Timeouts and lifecycle knobs (see config.example.toml [upstream] and [client])."""
 
+    host: str = "upstream"  # which host's pool this is (labels stats and log lines)
     connect_timeout: float = 8.0
-    header_timeout: float = 15.0
+    header_timeout: float = 15.0  # the default kind of call: a streamed response
     stream_idle_timeout: float = 240.0
     dead_path_silence: float = 3.0
     write_timeout: float = 30.0
     rotation_cooldown: float = 1.0
     drain_timeout: float = 900.0
     shutdown_grace: float = 10.0
-    keepalive_idle: int = 15
-    keepalive_interval: int = 5
+    keepalive_idle: int = 5
+    keepalive_interval: int = 2
     keepalive_count: int = 3
+    user_timeout: float = 15.0  # TCP_USER_TIMEOUT: unacknowledged data errors after this
     max_connections: int = 200
+    hedge_after: float = 2.0  # math.inf: never hedge
+    hedge_factor: float = 3.0  # ... or this many times the recent p99 header latency
+    corroboration_window: float = 60.0  # a suspicion older than this is forgotten
 
     @classmethod
     def from_config(cls, config: Any) -> ClientSettings:
+        """The backend's settings (``base_url``)."""
         up, cl = config.upstream, config.client
         return cls(
+            host="backend",
             connect_timeout=up.connect_timeout,
             header_timeout=up.header_timeout,
             stream_idle_timeout=up.stream_idle_timeout,
@@ -90,7 +118,23 @@ class ClientSettings:
             keepalive_idle=cl.keepalive_idle,
             keepalive_interval=cl.keepalive_interval,
             keepalive_count=cl.keepalive_count,
+            user_timeout=cl.user_timeout,
             max_connections=cl.max_connections,
+            hedge_after=up.hedge_after,
+            hedge_factor=up.hedge_factor,
+        )
+
+    @classmethod
+    def auth_from_config(cls, config: Any) -> ClientSettings:
+        """The auth server's settings (``auth_base_url``): a long header wait, no hedge.
+
+        A refresh token is single use, so the token endpoint is never hedged or replayed.
+        """
+        import dataclasses
+
+        return dataclasses.replace(
+            cls.from_config(config), host="auth",
+            header_timeout=config.upstream.token_header_timeout, hedge_after=math.inf,
         )
 
 
@@ -98,16 +142,16 @@ ClientFactory = Callable[[int], httpx.AsyncClient]
 
 
 def keepalive_socket_options(settings: ClientSettings) -> list[tuple[int, int, int]]:
-    """SO_KEEPALIVE plus Linux/macOS probe timing, so a dead peer becomes an error."""
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    idle_option = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
-    if idle_option is not None:
-        options.append((socket.IPPROTO_TCP, idle_option, settings.keepalive_idle))
-    if hasattr(socket, "TCP_KEEPINTVL"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, settings.keepalive_interval))
-    if hasattr(socket, "TCP_KEEPCNT"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_count))
-    return options
+    """Keepalive probes and TCP_USER_TIMEOUT for every upstream socket (HTTP and WebSocket)."""
+    return upstream_socket_options(
+        keepalive_idle=settings.keepalive_idle, keepalive_interval=settings.keepalive_interval,
+        keepalive_count=settings.keepalive_count, user_timeout=settings.user_timeout,
+    )
+
+
+def refusing_cookie_jar() -> CookieJar:
+    """A jar that keeps nothing: no cookie travels from one account's call to another's."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 def default_client_factory(settings: ClientSettings) -> ClientFactory:
@@ -136,6 +180,7 @@ def default_client_factory(settings: ClientSettings) -> ClientFactory:
             ),
             follow_redirects=False,
             trust_env=False,
+            cookies=refusing_cookie_jar(),
         )
 
     return build
@@ -144,19 +189,23 @@ def default_client_factory(settings: ClientSettings) -> ClientFactory:
 class Lease:
     """One holder's claim on a generation; ``release()`` is synchronous and idempotent."""
 
-    __slots__ = ("generation", "client", "path_dead", "settings", "_release_send", "_released")
+    __slots__ = ("generation", "client", "path_dead", "settings", "hedge_after", "sockets",
+                 "_release_send", "_released")
 
     def __init__(
         self,
         grant: LeaseGrant,
         settings: ClientSettings,
-        release_send: trio.MemorySendChannel[Release],
+        release_send: trio.MemorySendChannel[LeaseNote],
     ) -> None:
         self.generation = grant.generation
         self.client = grant.client
         # Set by the manager once this generation's network path is proven dead.
         self.path_dead = grant.path_dead
         self.settings = settings
+        # How long a streamed call waits for headers before one hedge starts (actors/hedge.py).
+        self.hedge_after = grant.hedge_after
+        self.sockets: SocketRegistry | None = grant.sockets
         self._release_send = release_send
         self._released = False
 
@@ -165,36 +214,91 @@ class Lease:
         if self._released:
             return
         self._released = True
+        self.note(Release(generation=self.generation))
+
+    def note(self, note: LeaseNote) -> None:
+        """Tell the manager what this exchange saw, without waiting (unbounded channel)."""
         try:
-            self._release_send.send_nowait(Release(generation=self.generation))
+            self._release_send.send_nowait(note)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the manager is gone; its generations are closed already
+
+    def register_socket(self, sock: Any) -> Callable[[], None]:
+        """Track a socket this holder opened itself (a WebSocket) for address evidence.
+
+        Returns the function that forgets it again (call it when the socket closes).
+        """
+        registry = self.sockets
+        if registry is None:
+            return lambda: None
+        registry.add(sock)
+        return lambda: registry.discard(sock)
 
     async def send(
         self, request: httpx.Request, *, header_timeout: float | None = None
     ) -> httpx.Response:
         """Send a request and wait at most ``header_timeout`` for the response headers.
 
-        ``header_timeout`` defaults to the settings' value; calls whose answer is a whole
-        model run (compact) or the token endpoint pass a longer one.
+        ``header_timeout`` defaults to the settings' value (a streamed call); calls whose
+        answer is a whole model run (compact) pass a longer one. Once this generation's
+        path is proven dead the wait ends ``dead_path_silence`` after the send began.
+        A header timeout on its own says nothing about the path (``path_dead`` false).
 
         Returns a streaming response (the caller closes it). Transport failures come
         out as TransportError carrying this lease's generation, so the caller can
-        ``rotate(seen_generation=err.generation)``.
+        ``rotate(seen_generation=err.generation)``. Cancel-safe: a cancelled send closes
+        its connection (httpcore) and leaves the lease held.
         """
         wait = self.settings.header_timeout if header_timeout is None else header_timeout
-        with trio.move_on_after(wait) as scope:
+        sent_at = trio.current_time()
+        scope = trio.CancelScope(deadline=sent_at + wait)
+        cut_by_dead_path = False
+
+        async def shorten_on_dead_path() -> None:
+            nonlocal cut_by_dead_path
+            await self.path_dead.wait()
+            dead_deadline = sent_at + self.settings.dead_path_silence
+            if dead_deadline < scope.deadline:
+                cut_by_dead_path = True
+                scope.deadline = dead_deadline
+
+        response: httpx.Response | None = None
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shorten_on_dead_path)
             try:
-                return await self.client.send(request, stream=True)
+                with scope:
+                    response = await self.client.send(request, stream=True)
             except Exception as exc:
-                raise classify(exc, phase=Phase.HEADERS, generation=self.generation) from exc
-        assert scope.cancelled_caught
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            self._note_kernel(failure, "waiting for headers")
+            raise classify(failure, phase=Phase.HEADERS, generation=self.generation) from failure
+        if response is not None:
+            latency = trio.current_time() - sent_at
+            self.note(HeadersSeen(generation=self.generation, sent_at=sent_at, latency=latency,
+                                  sample=header_timeout is None))
+            return response
+        if cut_by_dead_path:
+            raise TransportError(
+                f"no response headers within {self.settings.dead_path_silence:g}s "
+                "after the network path died",
+                phase=Phase.HEADERS, path_dead=True, generation=self.generation,
+            )
         raise TransportError(
             f"no response headers within {wait:g}s",
             phase=Phase.HEADERS,
-            path_dead=True,
+            path_dead=False,  # slow is not dead: only corroboration can say that
             generation=self.generation,
         )
+
+    def _note_kernel(self, failure: BaseException, where: str) -> None:
+        if is_kernel_timeout(failure):
+            self.note(Evidence(kind=EvidenceKind.KERNEL, host=self.settings.host,
+                               generation=self.generation, when=trio.current_time(),
+                               detail=f"socket timed out {where}"))
 
     def idle_timeout(self) -> float:
         """How long a stream on this generation may stay silent before it is ended."""
@@ -240,6 +344,7 @@ class Lease:
             finally:
                 nursery.cancel_scope.cancel()
         if failure is not None:
+            self._note_kernel(failure, "mid-stream")
             raise classify(failure, phase=Phase.BODY, generation=self.generation) from failure
         if silence_scope.cancelled_caught:
             silent_for = trio.current_time() - last_event
@@ -252,6 +357,14 @@ class Lease:
             )
 
 
+@dataclass(slots=True, kw_only=True)
+class _Suspicion:
+    """Application evidence on a generation, waiting for a fresh connection to corroborate it."""
+
+    since: float
+    evidence: Evidence
+
+
 @dataclass(slots=True, eq=False)
 class _Generation:
     number: int
@@ -260,6 +373,10 @@ class _Generation:
     retired: trio.Event = field(default_factory=trio.Event)
     drained: trio.Event = field(default_factory=trio.Event)
     path_dead: trio.Event = field(default_factory=trio.Event)
+    sockets: SocketRegistry = field(default_factory=SocketRegistry)
+    proven: bool = False  # answered at least one call: a hedge from it may rotate
+    suspicion: _Suspicion | None = None
+    dead_because: Evidence | None = None
 
     def retire(self) -> None:
         self.retired.set()
@@ -273,7 +390,7 @@ class ClientHandle:
     def __init__(
         self,
         inbox: trio.MemorySendChannel[ClientManagerMessage],
-        release_send: trio.MemorySendChannel[Release],
+        release_send: trio.MemorySendChannel[LeaseNote],
         settings: ClientSettings,
         call_timeout: float = 30.0,
     ) -> None:
@@ -314,8 +431,12 @@ class ClientHandle:
         """Replace the client if ``seen_generation`` is still current; returns the current one.
 
         Without ``seen_generation`` the rotation is coalesced with any other in the last
-        ``rotation_cooldown`` seconds. ``path_dead`` (default: true for network-change
-        and wake) shortens the silence allowed to the old generation's streams.
+        ``rotation_cooldown`` seconds. What it says about the old path depends on the
+        reason: ``transport`` makes ``seen_generation`` suspect (dead once a newer one
+        answers); ``wake`` marks every older generation dead, coalesced or not; ``hedge``
+        rotates only from a current generation that has answered before; ``path_dead``
+        (default: true for network-change and wake) marks the older generations dead at
+        once, for callers that know without corroboration.
         """
         dead = reason in DEAD_PATH_REASONS if path_dead is None else path_dead
         result: int = await call(
@@ -323,6 +444,23 @@ class ClientHandle:
             lambda r: Rotate(seen_generation=seen_generation, reason=reason, path_dead=dead, reply=r),
             actor="client manager",
             timeout=self._call_timeout,
+        )
+        return result
+
+    @property
+    def settings(self) -> ClientSettings:
+        return self._settings
+
+    async def address_changed(self, *, old: str | None, new: str) -> int:
+        """Address evidence: the route to this host now leaves from ``new``.
+
+        Rotates (coalesced like any watcher rotation) and shuts every socket of every
+        generation bound to another address; sockets on ``new`` are left alone. Returns
+        the current generation.
+        """
+        result: int = await call(
+            self._inbox, lambda r: AddressChanged(old=old, new=new, reply=r),
+            actor="client manager", timeout=self._call_timeout,
         )
         return result
 
@@ -360,7 +498,8 @@ class ClientManager:
         )
         # Unbounded so that release never blocks: it holds at most one item per
         # outstanding lease, and leases are bounded by the acquires we answered.
-        self._release_send, self._release_recv = trio.open_memory_channel[Release](math.inf)
+        # Notes (HeadersSeen, HedgeDone, kernel Evidence) share it: at most one per call.
+        self._release_send, self._release_recv = trio.open_memory_channel[LeaseNote](math.inf)
         # Survive restarts: numbers are never reused and counters keep counting.
         self._next_generation = 1
         self._rotations: Counter[str] = Counter()
@@ -370,6 +509,14 @@ class ClientManager:
         self._current: _Generation | None = None
         self._last_rotation = -math.inf
         self._closing = False
+        self._latency = HeaderLatency()
+        self._hedges: Counter[str] = Counter()
+        self._evidence: Counter[str] = Counter()
+        self._sockets_closed: Counter[str] = Counter()
+
+    @property
+    def host(self) -> str:
+        return self.settings.host
 
     def close(self) -> None:
         """The actor is gone for good: queued and later requests fail at once."""
@@ -395,6 +542,8 @@ class ClientManager:
                             self._on_acquire(message)
                         case Rotate():
                             await self._on_rotate(message)
+                        case AddressChanged():
+                            await self._on_address_changed(message)
                         case GetClientStats():
                             answer(message.reply, self._stats())
                         case ShutdownClients():
@@ -417,7 +566,8 @@ class ClientManager:
             answer(message.reply, ActorUnavailable("the upstream client is shutting down"))
             return
         grant = LeaseGrant(
-            generation=current.number, client=current.client, path_dead=current.path_dead
+            generation=current.number, client=current.client, path_dead=current.path_dead,
+            hedge_after=self._hedge_after(), sockets=current.sockets,
         )
         if answer(message.reply, grant):
             current.leases += 1
@@ -425,45 +575,161 @@ class ClientManager:
     async def _on_rotate(self, message: Rotate) -> None:
         current = self._current
         assert current is not None
-        now = trio.current_time()
-        if message.seen_generation is not None and message.seen_generation != current.number:
-            answer(message.reply, current.number)  # someone already rotated past it
+        reason, seen = message.reason, message.seen_generation
+        if reason is RotationReason.HEDGE:
+            # A hedge from an unproven generation would only retry what is already fresh.
+            if seen == current.number and current.proven:
+                await self._rotate(current, reason)
+            answer(message.reply, self._current.number if self._current else current.number)
             return
-        if message.seen_generation is None and now - self._last_rotation < self.settings.rotation_cooldown:
-            log.info("rotation coalesced reason=%s generation=%d", message.reason, current.number)
+        if seen is not None and seen != current.number:
+            # Someone already rotated past it; the evidence still counts for ``seen``.
+            if reason is RotationReason.TRANSPORT:
+                self._suspect(seen, "a transport failure (stale rotation)")
             answer(message.reply, current.number)
             return
+        now = trio.current_time()
+        if seen is None and now - self._last_rotation < self.settings.rotation_cooldown:
+            log.info("rotation coalesced host=%s reason=%s generation=%d",
+                     self.host, reason, current.number)
+        else:
+            await self._rotate(current, reason)
+        fresh = self._current
+        assert fresh is not None
+        if reason is RotationReason.TRANSPORT and seen is not None:
+            self._suspect(seen, "a transport failure")
+        elif reason is RotationReason.WAKE or (
+            message.path_dead and reason is not RotationReason.TRANSPORT
+        ):
+            # Coalesced or not: every generation older than the current one is dead.
+            kind = EvidenceKind.WAKE if reason is RotationReason.WAKE else EvidenceKind.ADDRESS
+            for generation in list(self._generations.values()):
+                if generation.number < fresh.number:
+                    self._mark_dead(generation, Evidence(
+                        kind=kind, host=self.host, generation=generation.number,
+                        when=now, detail=str(reason)))
+        answer(message.reply, fresh.number)
+
+    async def _rotate(self, current: _Generation, reason: RotationReason) -> bool:
         try:
             fresh = await self._start_generation()
         except Exception as exc:
             self._rotation_failures += 1
             log.error(
-                "rotation failed reason=%s generation=%d error=%s: keeping the current client",
-                message.reason, current.number, exc,
+                "rotation failed host=%s reason=%s generation=%d error=%s: keeping the current one",
+                self.host, reason, current.number, exc,
             )
-            answer(message.reply, current.number)
-            return
+            return False
         self._current = fresh
-        self._last_rotation = now
-        self._rotations[message.reason] += 1
-        if message.path_dead:
-            current.path_dead.set()
+        self._last_rotation = trio.current_time()
+        self._rotations[reason] += 1
         current.retire()
         log.info(
-            "rotated reason=%s generation=%d->%d draining_leases=%d",
-            message.reason, current.number, fresh.number, current.leases,
+            "rotated host=%s reason=%s generation=%d->%d draining_leases=%d",
+            self.host, reason, current.number, fresh.number, current.leases,
         )
-        answer(message.reply, fresh.number)
+        return True
+
+    async def _on_address_changed(self, message: AddressChanged) -> None:
+        current = self._current
+        assert current is not None
+        now = trio.current_time()
+        # Rotate first, so that an exchange cut below retries on a fresh generation.
+        if now - self._last_rotation >= self.settings.rotation_cooldown:
+            await self._rotate(current, RotationReason.NETWORK_CHANGE)
+        else:
+            log.info("rotation coalesced host=%s reason=%s generation=%d",
+                     self.host, RotationReason.NETWORK_CHANGE, current.number)
+        closed = 0
+        for generation in list(self._generations.values()):
+            cut = generation.sockets.close_not_bound_to(message.new)
+            closed += cut
+            if cut:
+                evidence = Evidence(kind=EvidenceKind.ADDRESS, host=self.host,
+                                    generation=generation.number, local_address=message.old,
+                                    when=now, detail=f"route now leaves from {message.new}")
+                self._evidence[evidence.kind] += 1
+                log.info("closed host=%s generation=%d sockets=%d not bound to %s (was %s)",
+                         self.host, generation.number, cut, message.new, message.old)
+        self._sockets_closed["address"] += closed
+        assert self._current is not None
+        answer(message.reply, self._current.number)
+
+    # --- evidence ---------------------------------------------------------------------
+
+    def _suspect(self, number: int, why: str) -> None:
+        generation = self._generations.get(number)
+        if generation is None or generation.path_dead.is_set() or generation.suspicion is not None:
+            return
+        now = trio.current_time()
+        generation.suspicion = _Suspicion(since=now, evidence=Evidence(
+            kind=EvidenceKind.APPLICATION, host=self.host, generation=number, when=now, detail=why))
+
+    def _mark_dead(self, generation: _Generation, evidence: Evidence) -> None:
+        if generation.path_dead.is_set():
+            return
+        generation.dead_because = evidence
+        generation.suspicion = None
+        generation.path_dead.set()
+        self._evidence[evidence.kind] += 1
+        log.info("path dead host=%s generation=%d evidence=%s (%s)",
+                 self.host, generation.number, evidence.kind, evidence.detail)
+
+    def _on_headers_seen(self, seen: HeadersSeen) -> None:
+        answered = self._generations.get(seen.generation)
+        if answered is not None:
+            answered.proven = True
+        if seen.sample:
+            self._latency.add(seen.latency)
+        now = trio.current_time()
+        for generation in list(self._generations.values()):
+            suspicion = generation.suspicion
+            if suspicion is None or generation.number >= seen.generation:
+                continue
+            if now - suspicion.since > self.settings.corroboration_window:
+                generation.suspicion = None  # never corroborated: forget it
+            elif seen.sent_at >= suspicion.since:
+                # A fresh connection answered where this generation did not.
+                self._mark_dead(generation, Evidence(
+                    kind=EvidenceKind.APPLICATION, host=self.host, generation=generation.number,
+                    when=now, detail=f"{suspicion.evidence.detail}, corroborated by "
+                                     f"generation {seen.generation}"))
+
+    def _on_hedge_done(self, done: HedgeDone) -> None:
+        self._hedges["started"] += 1
+        if done.winner == "none":
+            self._hedges["failed"] += 1
+            return
+        if done.winner == "original":
+            self._hedges["original_won"] += 1  # slow, not dead: nothing is marked
+            return
+        self._hedges["hedge_won"] += 1
+        original = self._generations.get(done.original)
+        if original is not None and done.hedge != done.original:
+            self._mark_dead(original, Evidence(
+                kind=EvidenceKind.HEDGE, host=self.host, generation=done.original,
+                when=trio.current_time(),
+                detail=f"a hedge on generation {done.hedge} answered first"))
+
+    def _hedge_after(self) -> float:
+        return self._latency.hedge_after(self.settings.hedge_after, self.settings.hedge_factor)
 
     def _stats(self) -> ClientStats:
         assert self._current is not None
         return ClientStats(
+            host=self.host,
             generation=self._current.number,
             leases={n: g.leases for n, g in sorted(self._generations.items())},
             retired=tuple(n for n, g in sorted(self._generations.items()) if g.retired.is_set()),
+            dead=tuple(n for n, g in sorted(self._generations.items()) if g.path_dead.is_set()),
             rotations=dict(self._rotations),
             force_closes=self._force_closes,
             rotation_failures=self._rotation_failures,
+            hedge_after=self._hedge_after(),
+            hedges=dict(self._hedges),
+            evidence=dict(self._evidence),
+            sockets=sum(len(g.sockets) for g in self._generations.values()),
+            sockets_closed=dict(self._sockets_closed),
         )
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
@@ -490,7 +756,7 @@ class ClientManager:
                 match message:
                     case GetClientStats():
                         answer(message.reply, self._stats())
-                    case Acquire() | Rotate() | ShutdownClients():
+                    case Acquire() | Rotate() | AddressChanged() | ShutdownClients():
                         answer(message.reply, ActorUnavailable("the upstream client is shutting down"))
                     case _:
                         assert_never(message)
@@ -516,6 +782,8 @@ class ClientManager:
         self, generation: _Generation, *, task_status: trio.TaskStatus[None]
     ) -> None:
         client = self._factory(generation.number)
+        client.cookies = refusing_cookie_jar()  # type: ignore[assignment]  # no cookie is ever kept
+        track_sockets(getattr(client, "_transport", None), generation.sockets)
         try:
             await client.__aenter__()
             generation.client = client
@@ -537,10 +805,22 @@ class ClientManager:
             log.debug("closed generation=%d", generation.number)
 
     async def _collect_releases(self) -> None:
-        async for release in self._release_recv:
-            generation = self._generations.get(release.generation)
-            if generation is None:
-                continue  # closed already (forced, or a previous incarnation's)
-            generation.leases -= 1
-            if generation.leases == 0 and generation.retired.is_set():
-                generation.drained.set()
+        async for note in self._release_recv:
+            match note:
+                case Release():
+                    generation = self._generations.get(note.generation)
+                    if generation is None:
+                        continue  # closed already (forced, or a previous incarnation's)
+                    generation.leases -= 1
+                    if generation.leases == 0 and generation.retired.is_set():
+                        generation.drained.set()
+                case HeadersSeen():
+                    self._on_headers_seen(note)
+                case HedgeDone():
+                    self._on_hedge_done(note)
+                case Evidence():
+                    # Kernel evidence ends only its own socket's exchange: counted, not spread.
+                    self._evidence[note.kind] += 1
+                    self._sockets_closed[str(note.kind)] += 1
+                case _:
+                    assert_never(note)

@@ -12,7 +12,9 @@
      │    ├── PermanentAuth       the account needs a new login (or is deactivated)
      │    ├── ServerError         5xx, server_is_overloaded, "at capacity"
      │    └── UpstreamRejected    any other 4xx
-     ├── InvalidResponse         an answer we cannot use (bad JSON, missing fields)
+     ├── PoolExhausted           our own connection pool is full: local capacity, not the
+ │                            network; never rotates
+ ├── InvalidResponse         an answer we cannot use (bad JSON, missing fields)
      ├── ClientError             bad input from our own client → a 4xx to it
      ├── ActorUnavailable        an actor died under a request, or is shut down
      └── UnexpectedError         anything else (a bug): logged with its traceback
@@ -20,8 +22,10 @@
 ``pre_dispatch`` on a TransportError means no byte of the upstream's answer has
 reached our client yet (the failure happened while connecting, sending, or waiting
 for response headers), so the proxy may still replay the request. ``path_dead``
-means the failure proves the generation's network path is gone (headers never came,
-the connection was reset, or the connect timed out) rather than the peer refusing.
+means the failure hints that the path is gone (a reset, a connect timeout, or a wait
+cut because the generation was already proven dead) rather than the peer refusing; a
+plain header timeout does not set it. On its own it marks nothing: the ClientManager
+decides path health from corroborated evidence (actors/client_manager.py).
 """
 
 from __future__ import annotations
@@ -145,6 +149,13 @@ class UpstreamRejected(UpstreamError):
     http_status = 502
 
 
+class PoolExhausted(CodexLBError):
+    """No free connection in our own pool (httpx.PoolTimeout): busy, not broken."""
+
+    code = "upstream_pool_full"
+    http_status = 503
+
+
 class InvalidResponse(CodexLBError):
     code = "invalid_upstream_response"
     http_status = 502
@@ -257,6 +268,10 @@ def classify(exc: BaseException, *, phase: Phase | None = None, generation: int 
         return exc
     if isinstance(exc, CodexLBError):
         return exc
+    if isinstance(exc, httpx.PoolTimeout):
+        pool = PoolExhausted("every upstream connection is busy; try again shortly")
+        pool.__cause__ = exc
+        return pool
     transport = _transport(exc, phase)
     if transport is not None:
         transport.generation = generation
@@ -274,8 +289,6 @@ def _transport(exc: BaseException, phase: Phase | None) -> TransportError | None
     name = type(exc).__name__
     if isinstance(exc, httpx.ConnectTimeout):
         return TransportError("connect timed out", phase=Phase.CONNECT, path_dead=True)
-    if isinstance(exc, httpx.PoolTimeout):
-        return TransportError("no free upstream connection", phase=Phase.CONNECT)
     if isinstance(exc, httpx.ConnectError):
         return TransportError(f"connect failed: {exc}", phase=Phase.CONNECT)
     if isinstance(exc, httpx.WriteError | httpx.WriteTimeout):
@@ -325,6 +338,18 @@ def _is_websocket_transport(exc: BaseException) -> bool:
     ) or (isinstance(exc, trio_websocket.HandshakeError) and not isinstance(
         exc, trio_websocket.ConnectionRejected
     ))
+
+
+def is_kernel_timeout(exc: BaseException) -> bool:
+    """Did the kernel itself give up on the socket (keepalive or TCP_USER_TIMEOUT: ETIMEDOUT)?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ETIMEDOUT:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def should_rotate(err: CodexLBError) -> bool:

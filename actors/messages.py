@@ -33,10 +33,33 @@ class RotationReason(enum.StrEnum):
     WAKE = "wake"
     ADMIN = "admin"
     TRANSPORT = "transport"
+    HEDGE = "hedge"
 
 
 # A route change or a wake proves the old path dead without any request failing.
 DEAD_PATH_REASONS = frozenset({RotationReason.NETWORK_CHANGE, RotationReason.WAKE})
+
+
+class EvidenceKind(enum.StrEnum):
+    """What was seen about a network path, strongest first (DESIGN.md §2, path health)."""
+
+    KERNEL = "kernel"  # a socket's own keepalive / TCP_USER_TIMEOUT error
+    ADDRESS = "address"  # the route's source address changed: sockets on the old one are dead
+    APPLICATION = "application"  # a header timeout or reset, corroborated by a fresh connection
+    HEDGE = "hedge"  # a hedge on a fresh connection answered where the original did not
+    WAKE = "wake"  # the machine slept: every older generation is dead
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evidence:
+    """One observation about a path: what, on which host and generation, where, when."""
+
+    kind: EvidenceKind
+    host: str
+    generation: int | None
+    local_address: str | None = None
+    when: float
+    detail: str = ""
 
 
 # --- ClientManager --------------------------------------------------------------
@@ -53,10 +76,39 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HeadersSeen:
+    """A lease's request got its response headers (sent on the release channel)."""
+
+    generation: int
+    sent_at: float
+    latency: float
+    sample: bool  # a streamed call's latency: counts towards hedge_after
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgeDone:
+    """How one hedge ended: which attempt answered first ("original", "hedge" or "none")."""
+
+    original: int
+    hedge: int
+    winner: str
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Rotate:
     seen_generation: int | None
     reason: RotationReason
     path_dead: bool
+    reply: trio.MemorySendChannel[Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddressChanged:
+    """The watcher saw the route's source address change from ``old`` to ``new``."""
+
+    old: str | None
+    new: str
     reply: trio.MemorySendChannel[Any]
 
 
@@ -70,7 +122,9 @@ class ShutdownClients:
     reply: trio.MemorySendChannel[Any]
 
 
-ClientManagerMessage = Acquire | Rotate | GetClientStats | ShutdownClients
+ClientManagerMessage = Acquire | Rotate | AddressChanged | GetClientStats | ShutdownClients
+# What a lease sends back without waiting: unbounded, one item per lease or answered call.
+LeaseNote = Release | HeadersSeen | HedgeDone | Evidence
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,15 +135,29 @@ class ClientStats:
     rotations: dict[str, int]
     force_closes: int
     rotation_failures: int
+    host: str = ""
+    dead: tuple[int, ...] = ()
+    hedge_after: float = 0.0
+    hedges: dict[str, int] = field(default_factory=dict)
+    evidence: dict[str, int] = field(default_factory=dict)
+    sockets_closed: dict[str, int] = field(default_factory=dict)
+    sockets: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "host": self.host,
             "generation": self.generation,
             "leases": {str(k): v for k, v in self.leases.items()},
             "retired": list(self.retired),
+            "dead": list(self.dead),
             "rotations": dict(self.rotations),
             "force_closes": self.force_closes,
             "rotation_failures": self.rotation_failures,
+            "hedge_after": round(self.hedge_after, 3),
+            "hedges": dict(self.hedges),
+            "evidence": dict(self.evidence),
+            "sockets": self.sockets,
+            "sockets_closed": dict(self.sockets_closed),
         }
 
 
@@ -100,6 +168,8 @@ class LeaseGrant:
     generation: int
     client: httpx.AsyncClient
     path_dead: trio.Event
+    hedge_after: float = 2.0  # a streamed call's headers later than this start one hedge
+    sockets: Any = None  # the generation's SocketRegistry (actors/path_health.py)
 
 
 # --- TokenRefresher -------------------------------------------------------------

@@ -10,8 +10,12 @@ Every ``interval`` seconds it asks two questions:
   during suspend, the wall clock does not, so a jump means the machine slept; peers
   have long since dropped our idle connections.
 
-Either answer sends ``rotate(reason=network-change | wake)``, which also marks the old
-generation's path dead (its silent streams end after ``dead_path_silence``).
+A changed address is *address evidence*: ``address_changed(old, new)`` rotates and shuts
+exactly the sockets bound to an address the route no longer uses (their streams end at
+once; a request waiting for headers on one is retried on the new generation). A wake
+rotates and marks every older generation dead. A failed lookup or a lost route (the probe
+answers None) is no change: the last known address stays, so a route lost and regained
+on the same address changes nothing either.
 Both probes are injectable so tests can drive them.
 """
 
@@ -45,7 +49,7 @@ def route_probe_for(url: str) -> RouteProbe:
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError:
-            return None  # DNS failing is itself a state worth noticing
+            return None  # no answer: the watcher keeps the last known address
         for family, type_, proto, _, address in infos:
             sock = trio.socket.socket(family, type_, proto)
             with sock:
@@ -77,6 +81,7 @@ class NetworkWatcher:
         self._interval = interval
         self._wake_threshold = wake_threshold
         self.ticks = 0
+        self.changes = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         address = await self._probe()
@@ -91,11 +96,21 @@ class NetworkWatcher:
             self.ticks += 1
             if slept > self._wake_threshold:
                 await self._rotate(RotationReason.WAKE, f"wall clock jumped {slept:.0f}s ahead")
-            elif new_address != address:
-                await self._rotate(
-                    RotationReason.NETWORK_CHANGE, f"local address {address} -> {new_address}"
-                )
-            address, wall, monotonic = new_address, new_wall, new_monotonic
+            if new_address is not None and new_address != address:
+                if address is not None:
+                    await self._address_changed(address, new_address)
+                address = new_address  # first answer after a start without route: a baseline
+            wall, monotonic = new_wall, new_monotonic
+
+    async def _address_changed(self, old: str, new: str) -> None:
+        try:
+            generation = await self._clients.address_changed(old=old, new=new)
+        except ActorUnavailable as exc:
+            log.warning("network change %s -> %s but the client manager is unavailable: %s",
+                        old, new, exc)
+            return
+        self.changes += 1
+        log.info("network change: local address %s -> %s; generation=%d", old, new, generation)
 
     async def _rotate(self, reason: RotationReason, why: str) -> None:
         try:

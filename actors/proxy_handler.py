@@ -58,6 +58,7 @@ from actors.errors import (
     UpstreamError,
     classify,
 )
+from actors.hedge import Hedge
 from actors.messages import FreshTokens, RotationReason, answer, call, close_inbox
 from actors.proxy_websocket import WebSocketSession
 from actors.request_record import RecordSink, RequestStats, Surface, client_label
@@ -138,7 +139,7 @@ class ProxyRequest:
     # A raw body streamed as it comes (an upload), sent instead of ``body``. It can be sent
     # once: an attempt after it was consumed fails with the iterable's own error.
     content: AsyncIterable[bytes] | None = None
-    header_timeout: float | None = None  # None: the lease's default
+    header_timeout: float | None = None  # None: the streamed-call default (compact: longer)
     surface: str = ""  # for the request log; "" derives it from the path
 
 
@@ -441,24 +442,28 @@ class ProxyHandler:
     ) -> None:
         fresh = await self._fresh_tokens(account_id, attempt)
         content = await JsonContent.build(request.body) if request.body is not None else None
-        async with self._clients.lease() as lease:
-            if attempt.stats is not None:
-                attempt.stats.generation = lease.generation
-            http_request = lease.client.build_request(
-                request.method,
-                self.settings.base_url.rstrip("/") + request.path,
-                params=list(request.query) or None,
-                headers=upstream_headers(
-                    request.headers, access_token=fresh.tokens.access_token,
-                    chatgpt_account_id=fresh.account.chatgpt_account_id,
-                ) | (content.headers if content is not None else {}),
-                content=request.content if request.content is not None else content,
-            )
-            try:
-                response = await lease.send(http_request, header_timeout=request.header_timeout)
+        async with self._clients.lease() as lease, Hedge(self._clients, lease) as hedge:
+            def build(held: Lease) -> httpx.Request:
+                return held.client.build_request(
+                    request.method,
+                    self.settings.base_url.rstrip("/") + request.path,
+                    params=list(request.query) or None,
+                    headers=upstream_headers(
+                        request.headers, access_token=fresh.tokens.access_token,
+                        chatgpt_account_id=fresh.account.chatgpt_account_id,
+                    ) | (content.headers if content is not None else {}),
+                    # JSON content is re-iterable (a hedge sends it again); an upload is not.
+                    content=request.content if request.content is not None else content,
+                )
+            try:  # a streamed call whose headers are late gets one hedge (actors/hedge.py)
+                response = await hedge.send(build, header_timeout=request.header_timeout,
+                                            hedge=request.stream and request.content is None)
             except TransportError as exc:
                 await self._on_transport(exc, lease, account_id, attempt)
                 raise _Failover from None
+            lease = hedge.lease  # the winner's
+            if attempt.stats is not None:
+                attempt.stats.generation = lease.generation
             try:
                 now = self._wall_clock()
                 usage = usage_from_headers(response.headers, now)

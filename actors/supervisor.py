@@ -133,6 +133,10 @@ class Engine:
     scheduler: SchedulerHandle
     store: AccountStore
     network: NetworkWatcher | None
+    # The auth server's own pool and path state: evidence about one host never touches
+    # the other's sockets (the TokenRefresher uses it).
+    auth_clients: ClientHandle | None = None
+    auth_network: NetworkWatcher | None = None
 
 
 @asynccontextmanager
@@ -155,24 +159,33 @@ async def open_actors(
     ``client.shutdown_grace`` seconds, then everything is cancelled.
     """
     settings = ClientSettings.from_config(config)
+    auth_settings = ClientSettings.auth_from_config(config)
     store = store if store is not None else InMemoryAccountStore()
     async with trio.open_nursery() as nursery:
         manager = ClientManager(settings, client_factory=client_factory)
         clients: ClientHandle = await nursery.start(
             partial(supervise, "client manager", manager.run, policy, on_exit=manager.close)
         )
-        watcher: NetworkWatcher | None = None
+        auth_manager = ClientManager(auth_settings, client_factory=client_factory)
+        auth_clients: ClientHandle = await nursery.start(
+            partial(supervise, "auth client manager", auth_manager.run, policy,
+                    on_exit=auth_manager.close)
+        )
+        watchers: list[NetworkWatcher] = []
         if watch_network:
-            watcher = NetworkWatcher(
-                clients,
-                route_probe=route_probe or route_probe_for(config.upstream.base_url),
-                wall_clock=wall_clock,
-                interval=config.client.watch_interval,
-                wake_threshold=config.client.wake_threshold,
-            )
-            await nursery.start(supervise, "network watcher", watcher.run, policy)
+            for handle, url in ((clients, config.upstream.base_url),
+                                (auth_clients, config.upstream.auth_base_url)):
+                watcher = NetworkWatcher(
+                    handle,
+                    route_probe=route_probe or route_probe_for(url),
+                    wall_clock=wall_clock,
+                    interval=config.client.watch_interval,
+                    wake_threshold=config.client.wake_threshold,
+                )
+                await nursery.start(supervise, "network watcher", watcher.run, policy)
+                watchers.append(watcher)
         refresher = TokenRefresher(
-            store=store, clients=clients, settings=RefreshSettings.from_config(config),
+            store=store, clients=auth_clients, settings=RefreshSettings.from_config(config),
             wall_clock=wall_clock,
         )
         tokens: TokenHandle = await nursery.start(
@@ -197,7 +210,9 @@ async def open_actors(
             partial(supervise, "proxy handler", proxy_handler.run, policy, on_exit=proxy_handler.close)
         )
         engine = Engine(clients=clients, tokens=tokens, proxy=proxy, scheduler=scheduler,
-                        store=store, network=watcher)
+                        store=store, network=watchers[0] if watchers else None,
+                        auth_clients=auth_clients,
+                        auth_network=watchers[1] if watchers else None)
         try:
             yield engine
         finally:
@@ -208,5 +223,7 @@ async def open_actors(
             with trio.move_on_after(STOP_GRACE * 12, shield=True):
                 await tokens.shutdown()
             with trio.move_on_after(settings.shutdown_grace + 2 * STOP_GRACE, shield=True):
-                await clients.shutdown()
+                async with trio.open_nursery() as closing:
+                    closing.start_soon(clients.shutdown)
+                    closing.start_soon(auth_clients.shutdown)
             nursery.cancel_scope.cancel()

@@ -145,7 +145,10 @@ def create_app(
 
     @app.get("/api/clients")
     async def clients_stats() -> Response:
-        return json_response((await engine.clients.stats()).to_json())
+        body = (await engine.clients.stats()).to_json()
+        if engine.auth_clients is not None:  # the auth server's own pool and path state
+            body["auth"] = (await engine.auth_clients.stats()).to_json()
+        return json_response(body)
 
     @app.post("/api/clients/rotate")
     async def clients_rotate() -> Response:
@@ -208,7 +211,8 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = await engine.clients.stats()
-        text = render_metrics(stats)
+        auth = await engine.auth_clients.stats() if engine.auth_clients is not None else None
+        text = render_metrics(stats, auth)
         try:
             text += render_request_faults((await engine.proxy.stats()).get("request_faults", {}))
         except ActorUnavailable:
@@ -352,8 +356,8 @@ def render_request_faults(faults: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_metrics(stats: ClientStats) -> str:
-    """Prometheus text exposition of the client stats."""
+def render_metrics(stats: ClientStats, auth: ClientStats | None = None) -> str:
+    """Prometheus text exposition of the client stats (backend, and auth server if given)."""
     lines = [
         "# HELP codex_lb_client_generation Current upstream client generation.",
         "# TYPE codex_lb_client_generation gauge",
@@ -376,4 +380,29 @@ def render_metrics(stats: ClientStats) -> str:
         "# TYPE codex_lb_client_rotation_failures_total counter",
         f"codex_lb_client_rotation_failures_total {stats.rotation_failures}",
     ]
+    lines += _path_health_metrics([s for s in (stats, auth) if s is not None])
     return "\n".join(lines) + "\n"
+
+
+def _path_health_metrics(per_host: list[ClientStats]) -> list[str]:
+    """Hedges, evidence by kind and sockets closed by reason, labelled by host."""
+    lines: list[str] = []
+    families = (
+        ("codex_lb_path_generation", "gauge", "Current client generation per host.",
+         lambda s: {"": s.generation}, ""),
+        ("codex_lb_path_hedges_total", "counter", "Hedges by outcome.", lambda s: s.hedges, "outcome"),
+        ("codex_lb_path_evidence_total", "counter", "Path evidence acted on, by kind.",
+         lambda s: s.evidence, "kind"),
+        ("codex_lb_path_sockets_closed_total", "counter", "Upstream sockets ended by evidence, by reason.",
+         lambda s: s.sockets_closed, "reason"),
+        ("codex_lb_path_hedge_after_seconds", "gauge", "Current wait before a hedge.",
+         lambda s: {"": s.hedge_after}, ""),
+    )
+    for name, kind, help_text, values, label in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for host_stats in per_host:
+            for key, value in values(host_stats).items():
+                extra = f',{label}="{key}"' if label else ""
+                shown = "+Inf" if value == float("inf") else f"{value:g}"  # Prometheus spelling
+                lines.append(f'{name}{{host="{host_stats.host}"{extra}}} {shown}')
+    return lines

@@ -56,10 +56,13 @@ class UpstreamConfig:
     client_version: str = "0.169.0"
     connect_timeout: float = 8.0
     header_timeout: float = 15.0
+    compact_header_timeout: float = 300.0
     token_header_timeout: float = 60.0
     stream_idle_timeout: float = 240.0
     dead_path_silence: float = 3.0
     write_timeout: float = 30.0
+    hedge_after: float = 2.0
+    hedge_factor: float = 3.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,9 +70,10 @@ class ClientConfig:
     rotation_cooldown: float = 1.0
     drain_timeout: float = 900.0
     shutdown_grace: float = 10.0
-    keepalive_idle: int = 15
-    keepalive_interval: int = 5
+    keepalive_idle: int = 5
+    keepalive_interval: int = 2
     keepalive_count: int = 3
+    user_timeout: float = 15.0
     max_connections: int = 200
     watch_interval: float = 1.0
     wake_threshold: float = 5.0
@@ -299,6 +303,10 @@ RULES: dict[str, Rule] = {
     "upstream.stream_idle_timeout": number(0, 86400, low_open=True),
     "upstream.dead_path_silence": number(0, 3600, low_open=True),
     "upstream.write_timeout": number(0, 3600, low_open=True),
+    "upstream.compact_header_timeout": number(0, 3600, low_open=True),
+    "upstream.hedge_after": number(0, 3600, low_open=True),
+    "upstream.hedge_factor": number(0, 100),
+    "client.user_timeout": number(0, 3600),
     "client.rotation_cooldown": number(0, 3600),
     "client.drain_timeout": number(0, 86400, low_open=True),
     "client.shutdown_grace": number(0, 3600),

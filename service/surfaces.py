@@ -249,14 +249,14 @@ async def transcription_parts(source: AsyncIterable[bytes], boundary_in: bytes,
 def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
     proxy = engine.proxy
 
-    async def forward_codex(path: str, *, stream: bool) -> Exchange:
+    async def forward_codex(path: str, *, stream: bool, header_timeout: float | None = None) -> Exchange:
         body = await json_body()
         stream_flag(body)
         headers = client_headers()
         return await proxy.forward(ProxyRequest(
             path=path, headers=headers, body=body, stream=stream,
-            sticky_key=sticky_key(dict(headers), body),
-        ))
+            sticky_key=sticky_key(dict(headers), body), header_timeout=header_timeout,
+        ), timeout=(header_timeout or 0) + 300.0)
 
     @app.post("/backend-api/codex/responses")
     @app.post("/responses", endpoint="root_responses")
@@ -296,7 +296,8 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
 
     @app.post("/backend-api/codex/responses/compact")
     async def codex_compact() -> Response:
-        exchange = await forward_codex("/codex/responses/compact", stream=False)
+        exchange = await forward_codex("/codex/responses/compact", stream=False,
+                                       header_timeout=config.upstream.compact_header_timeout)
         return Response(exchange.body, status=exchange.status,
                         content_type=exchange.headers.get("content-type", "application/json"))
 

@@ -229,7 +229,8 @@ class Rig:
 @asynccontextmanager
 async def rig(
     accounts: list[Account], *, upstream: Upstream | None = None, background: bool = False,
-    refresh: dict[str, Any] | None = None, on_record: Any = None,
+    refresh: dict[str, Any] | None = None, clients: dict[str, Any] | None = None,
+    on_record: Any = None,
 ) -> AsyncIterator[Rig]:
     """The engine without hypercorn; the proxy runs under a real supervisor (restarts and all)."""
     from actors.supervisor import supervise
@@ -241,7 +242,8 @@ async def rig(
     factory = lambda generation: httpx.AsyncClient(  # noqa: E731
         transport=httpx.MockTransport(upstream.handler(generation)))
     async with trio.open_nursery() as nursery:
-        clients = await nursery.start(ClientManager(ClientSettings(), client_factory=factory).run)
+        settings = ClientSettings(**(clients or {}))
+        clients = await nursery.start(ClientManager(settings, client_factory=factory).run)
         refresher = TokenRefresher(
             store=store, clients=clients, wall_clock=wall, background=background,
             settings=RefreshSettings(auth_base_url=AUTH_URL, spacing=0.0, jitter=0,

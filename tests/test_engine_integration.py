@@ -21,7 +21,7 @@ def engine_config(fake, chaos, **client):
     return with_overrides(
         Config(),
         upstream={"base_url": fake.base_url_for(chaos.port), "auth_base_url": fake.auth_base_url_for(chaos.port),
-                  "header_timeout": 1.0, "connect_timeout": 1.0},
+                  "header_timeout": 1.0, "token_header_timeout": 1.0, "connect_timeout": 1.0},
         client={"shutdown_grace": 1.0, **client},
     )
 
@@ -47,7 +47,8 @@ async def test_black_holed_pooled_connection_fails_fast_then_rotated_retry_succe
             elapsed = trio.current_time() - started
             assert 1.0 <= elapsed < 1.5  # the configured header timeout, not a hang
             assert info.value.generation == failed_gen == 1
-            assert info.value.pre_dispatch and info.value.path_dead
+            assert info.value.pre_dispatch
+            assert not info.value.path_dead  # a header timeout alone says nothing about the path
 
             assert await engine.clients.rotate(seen_generation=info.value.generation,
                                                reason=RotationReason.TRANSPORT) == 2

@@ -60,15 +60,18 @@ async def test_watcher_rotates_once_per_change_and_never_on_quiet_ticks(autojump
         nursery.cancel_scope.cancel()
 
 
-async def test_watcher_marks_the_old_path_dead(autojump_clock):
+async def test_watcher_wake_marks_the_old_path_dead_but_a_lost_route_does_not(autojump_clock):
     probes = ScriptedProbes()
     async with trio.open_nursery() as nursery:
         clients = await nursery.start(ClientManager(ClientSettings(), client_factory=Factory()).run)
         lease = await clients.acquire()
         watcher = NetworkWatcher(clients, route_probe=probes.route, wall_clock=probes.wall)
         await nursery.start(watcher.run)
+        probes.address = None  # the route vanished (or DNS failed): no change
+        await trio.sleep(2)
         assert not lease.path_dead.is_set()
-        probes.address = None  # the route vanished altogether
+        assert (await clients.stats()).rotations == {}
+        probes.wall_offset += 600  # the laptop slept
         await trio.sleep(2)
         assert lease.path_dead.is_set()
         assert lease.idle_timeout() == ClientSettings().dead_path_silence

@@ -142,7 +142,7 @@ async def test_black_holed_pool_recovers_after_one_rotation(tmp_path, fake_upstr
             assert trio.current_time() - started < 2.0 * 3
             stats = await stack.engine.clients.stats()
             assert stats.generation == generation + 1
-            assert stats.rotations.get("transport") == 1
+            assert sum(stats.rotations.values()) == 1  # a hedge's or the header timeout's
 
 
 async def test_no_accounts_gives_503_with_a_hint(tmp_path, fake_upstream, chaos):

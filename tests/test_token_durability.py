@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -171,7 +172,8 @@ async def test_concurrent_401s_share_one_forced_refresh(autojump_clock):
         return None
 
     upstream.before["responses"] = [slow_rejection] * 20
-    async with rig([make_account(1)], upstream=upstream) as r:
+    # The 401s are slow on purpose; a hedge (2 s) would add requests this test counts.
+    async with rig([make_account(1)], upstream=upstream, clients={"hedge_after": math.inf}) as r:
         results = []
 
         async def one() -> None:

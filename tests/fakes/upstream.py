@@ -66,6 +66,7 @@ class FakeUpstream:
         self.models: list[dict[str, Any]] = default_models()
         self.websocket_enabled = True
         self.event_delay = 0.0
+        self.bind_host = "127.0.0.1"  # a network-namespace test binds the path's address
         self.next_login: FakeAccount | None = None
         self.device_poll_interval = 1
         self.allowed_redirect_uris: set[str] | None = None  # None: any redirect_uri
@@ -126,7 +127,7 @@ class FakeUpstream:
         self._shutdown = trio.Event()
         self._stopped = trio.Event()
         config = HypercornConfig()
-        config.bind = ["127.0.0.1:0"]
+        config.bind = [f"{self.bind_host}:0"]
         config.graceful_timeout = self.graceful_timeout
         config.keep_alive_timeout = self.keep_alive_timeout
         errorlog = logging.getLogger("tests.fakes.upstream.hypercorn")
