@@ -79,9 +79,9 @@ def _credits_text(account: dict[str, Any]) -> str:
         return "–"
     if credits.get("unlimited"):
         return "unlimited"
-    if credits.get("balance") is not None:
-        return str(credits["balance"])
-    return "yes" if credits.get("has_credits") else "none"
+    if credits.get("has_credits"):
+        return f"balance {credits.get('balance') or '?'}"
+    return "none"
 
 
 def _account_rows(data: dict[str, Any]) -> str:

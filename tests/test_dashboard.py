@@ -165,6 +165,7 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
                 assert "high" in (bars_b.nth(0).get_attribute("class") or "")
                 assert "resets in 1h" in row_a.locator(".countdown").nth(0).inner_text()
                 assert "a@example.com" in row_a.inner_text()
+                assert row_a.locator("td").nth(5).inner_text() == "none"  # the fake: no credits
                 assert "plus" in row_a.inner_text()
 
                 # A request made now shows in the table within 2 s, without a reload.

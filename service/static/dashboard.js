@@ -97,8 +97,8 @@
     const c = a.credits || (a.usage && a.usage.credits);
     if (!c || typeof c !== "object") return "–";
     if (c.unlimited) return "unlimited";
-    if (c.balance !== null && c.balance !== undefined) return String(c.balance);
-    return c.has_credits ? "yes" : "none";
+    if (c.has_credits) return "balance " + (c.balance || "?");
+    return "none";
   }
 
   // --- rendering ---------------------------------------------------------------------------
