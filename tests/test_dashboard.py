@@ -29,6 +29,7 @@ from tests.stack import CODEX_BODY, open_stack
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / ".cache" / "dashboard"
+KEY = "open-sesame-0123456789"  # a proxy API key for the key-prompt test
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -257,7 +258,7 @@ async def test_the_page_asks_for_a_key_and_keeps_it_out_of_the_url(tmp_path: Pat
                                                                   fake_upstream) -> None:
     home = tmp_path / "home"
     await seed(home, fake_upstream, ("k@example.com", "acct-k", "plus"))
-    config = write_config(tmp_path, fake_upstream.port, '[auth]\napi_keys = ["open-sesame-0123456789"]\n')
+    config = write_config(tmp_path, fake_upstream.port, f'[auth]\napi_keys = ["{KEY}"]\n')
 
     def in_browser(url: str) -> None:
         with sync_playwright() as playwright:
@@ -268,11 +269,11 @@ async def test_the_page_asks_for_a_key_and_keeps_it_out_of_the_url(tmp_path: Pat
                 page.goto(url + "/")
                 page.wait_for_selector("#key-form:not([hidden])", timeout=5000)
                 assert "k@example.com" not in page.content()  # no data before the key
-                page.fill("#api-key", "open-sesame-0123456789")
+                page.fill("#api-key", KEY)
                 page.press("#api-key", "Enter")
                 page.wait_for_selector("#account-rows tr:has-text('k@example.com')", timeout=5000)
-                assert "open-sesame-0123456789" not in page.url
-                assert page.evaluate("sessionStorage.getItem('codex-lb-trio.api-key')") == "open-sesame-0123456789"
+                assert KEY not in page.url
+                assert page.evaluate("sessionStorage.getItem('codex-lb-trio.api-key')") == KEY
                 assert page.evaluate("localStorage.length") == 0
                 assert problems == [], problems
                 # The data routes stay behind the key; the page shell does not need it.
