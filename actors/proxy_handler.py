@@ -24,6 +24,7 @@ After the first byte nothing is replayed: failures end the stream with a termina
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections import Counter, deque
@@ -59,6 +60,7 @@ from actors.errors import (
 from actors.hedge import Hedge
 from actors.messages import FreshTokens, RotationReason, answer, call, close_inbox
 from actors.proxy_websocket import WebSocketSession
+from actors.request_record import RecordSink, RequestStats, Surface, client_label
 from actors.token_refresher import TokenHandle
 from actors.upstream import (
     TERMINAL_EVENT_TYPES,
@@ -146,6 +148,7 @@ class ProxyRequest:
     # once: an attempt after it was consumed fails with the iterable's own error.
     content: AsyncIterable[bytes] | None = None
     header_timeout: float | None = None  # None: the streamed-call default (compact: longer)
+    surface: str = ""  # for the request log; "" derives it from the path
 
 
 @dataclass(slots=True, kw_only=True)
@@ -190,6 +193,7 @@ class _Attempt:
     last_error: CodexLBError | None = None
     # The access token each account's last attempt sent: a 401 names it as the stale one.
     used_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    stats: RequestStats | None = None  # what the request log will get
 
 
 class _Failover(Exception):
@@ -240,8 +244,10 @@ class ProxyHandler:
         tokens: TokenHandle,
         settings: ProxySettings | None = None,
         wall_clock: Callable[[], float] = time.time,
+        on_record: RecordSink | None = None,
     ) -> None:
         self._store = store
+        self._on_record = on_record  # sync, non-blocking: one RequestRecord per request
         self._clients = clients
         self._tokens = tokens
         self.settings = settings or ProxySettings()
@@ -299,7 +305,8 @@ class ProxyHandler:
     # --- one request ----------------------------------------------------------------
 
     async def _task_boundary(
-        self, kind: str, reply: trio.MemorySendChannel[Any], work: Callable[[], Awaitable[object]]
+        self, kind: str, reply: trio.MemorySendChannel[Any], work: Callable[[], Awaitable[object]],
+        stats: RequestStats | None = None,
     ) -> None:
         """Run one request task so that no exception of it reaches the actor's nursery.
 
@@ -309,7 +316,7 @@ class ProxyHandler:
         own terminal event (the relay guarantees one). Either way the fault is logged once
         and counted in ``faults`` (shown on /metrics). Cancellation passes through.
         """
-        request_id = "req_" + secrets.token_hex(6)
+        request_id = stats.request_id if stats is not None else "req_" + secrets.token_hex(6)
         # Our own clone: the work may close its end of the reply before it raises.
         with reply.clone() as keep:
             try:
@@ -317,6 +324,8 @@ class ProxyHandler:
             except* Exception as exc:  # Cancelled (alone or beside these) passes through
                 err, fault = fault_answer(exc, request_id)
                 self.faults[fault] += 1
+                if stats is not None and not stats.terminal:
+                    stats.status, stats.error_code = err.http_status, err.code
                 answered = answer(keep, err)
                 if fault == "internal":
                     log.error("request %s (%s) failed: %s answered=%s", request_id, kind,
@@ -324,47 +333,87 @@ class ProxyHandler:
                 else:
                     log.warning("request %s (%s) failed (%s): %s answered=%s", request_id, kind,
                                 fault, err.message, answered)
+            finally:
+                if stats is not None:
+                    self._emit(stats)  # the request log's row, however the request ended
 
     async def _serve(self, message: Forward) -> None:
-        await self._task_boundary("http", message.reply, partial(self._serve_http, message))
+        stats = self._new_stats(message.request)
+        await self._task_boundary("http", message.reply,
+                                  partial(self._serve_http, message, stats), stats=stats)
 
-    async def _serve_http(self, message: Forward) -> None:
+    async def _serve_http(self, message: Forward, stats: RequestStats) -> None:
         request, reply = message.request, message.reply
         with reply:
             await self._with_failover(
                 request, reply,
                 lambda account_id, attempt: self._attempt(request, account_id, attempt, reply),
+                stats=stats,
             )
+
+    def _new_stats(self, request: ProxyRequest) -> RequestStats:
+        body = request.body or {}
+        return RequestStats(
+            surface=request.surface or _surface_for(request.path), started_wall=self._wall_clock(),
+            started=trio.current_time(), model=str(body.get("model") or ""),
+            client=client_label(dict(request.headers).get("session-id") or request.sticky_key))
+
+    def _turn_stats(self, request: ProxyRequest, raw: str) -> RequestStats | None:
+        """Stats for one turn over an upstream WebSocket (None when nothing logs)."""
+        if self._on_record is None:
+            return None
+        stats = self._new_stats(request)
+        stats.surface, stats.status, stats.attempts = Surface.CODEX_WEBSOCKET, 101, 1
+        # The relay never parses a turn's body; the model is read off its text, best effort.
+        model = _MODEL_FIELD.search(raw, 0, 4096)
+        stats.model = model.group(1) if model else ""
+        return stats
+
+    def _emit(self, stats: RequestStats) -> None:
+        """Hand the finished request to the log sink; a sink's fault never reaches a request."""
+        if self._on_record is None:
+            return
+        try:
+            self._on_record(stats.record(trio.current_time()))
+        except Exception as exc:
+            log.warning("request log sink failed request_id=%s: %s", stats.request_id, exc)
 
     async def _with_failover(
         self, request: ProxyRequest, reply: trio.MemorySendChannel[Any],
         try_account: Callable[[str, _Attempt], Awaitable[Any]],
+        stats: RequestStats | None = None,
     ) -> Any:
         """Run ``try_account`` on chosen accounts until one attempt does not fail over.
 
         Returns that attempt's result; or answers the caller with the final error and
         returns None.
         """
-        attempt = _Attempt()
+        attempt = _Attempt(stats=stats)
         for _ in range(self.settings.max_attempts + 1):  # +1: the rotation retry is free
             try:
                 account_id = await self._pick(request, attempt)
             except CodexLBError as exc:
-                answer(reply, attempt.last_error if _prefer_last(attempt, exc) else exc)
+                answer(reply, _noted(attempt, attempt.last_error if _prefer_last(attempt, exc)
+                                     else exc))
                 return None
             self._in_flight[account_id] += 1
+            if stats is not None:
+                stats.account_id = account_id
+                stats.attempts += 1
             try:
                 result = await try_account(account_id, attempt)
                 return True if result is None else result
             except _Failover:
                 self.counters["failovers"] += 1
+                if stats is not None:
+                    stats.failovers += 1
             except CodexLBError as exc:
-                answer(reply, exc)
+                answer(reply, _noted(attempt, exc))
                 return None
             finally:
                 self._in_flight[account_id] -= 1
-        answer(reply, attempt.last_error or ServerError(
-            "no upstream attempt succeeded", status=502, code="upstream_unavailable"))
+        answer(reply, _noted(attempt, attempt.last_error or ServerError(
+            "no upstream attempt succeeded", status=502, code="upstream_unavailable")))
         return None
 
     async def _pick(self, request: ProxyRequest, attempt: _Attempt) -> str:
@@ -422,6 +471,8 @@ class ProxyHandler:
                 await self._on_transport(exc, lease, account_id, attempt)
                 raise _Failover from None
             lease = hedge.lease  # the winner's
+            if attempt.stats is not None:
+                attempt.stats.generation = lease.generation
             try:
                 now = self._wall_clock()
                 usage = usage_from_headers(response.headers, now)
@@ -434,10 +485,15 @@ class ProxyHandler:
                            if k.lower() not in RESPONSE_HEADER_DROP}
                 if not request.stream:
                     body = await _read_bounded(response, lease)
+                    if attempt.stats is not None:
+                        attempt.stats.status = response.status_code
+                        attempt.stats.mark_first_event(trio.current_time())
                     answer(reply, Exchange(status=response.status_code, headers=headers,
                                            account_id=account_id, body=body))
                     return
-                await self._relay(response, lease, account_id, attempt, headers, reply)
+                outcome = await self._relay(response, lease, account_id, attempt, headers, reply)
+                if attempt.stats is not None:
+                    _note_outcome(attempt.stats, outcome)
             finally:
                 await response.aclose()
 
@@ -497,6 +553,8 @@ class ProxyHandler:
             except (StoreFailure, LookupError) as exc:  # the failover goes on without it
                 log.warning("proxy account=%s cooldown not saved: %s", account_id, exc)
             self._sticky.forget_account(account_id)
+            if attempt.stats is not None:
+                attempt.stats.cooldowns.append(account_id)
             attempt.tried.add(account_id)
             cls = RateLimited if kind == "rate_limited" else QuotaExceeded
             attempt.last_error = (RateLimited(message, status=429, code=code, resets_at=until)
@@ -558,8 +616,11 @@ class ProxyHandler:
                                                          events_send)
                     return "use-http" if link is None else link
 
-                first = await self._with_failover(request, reply, try_account)
+                stats = self._new_stats(request)
+                stats.surface = Surface.CODEX_WEBSOCKET
+                first = await self._with_failover(request, reply, try_account, stats=stats)
                 if first is None:
+                    self._emit(stats)  # the session never opened (turns log themselves)
                     links.cancel_scope.cancel()
                     return
                 if first == "use-http":
@@ -585,6 +646,8 @@ class ProxyHandler:
                         request, tried, links, events_send),
                     cool_down=self._cool_down_from_stream, note_usage=self._note_usage,
                     wall_clock=self._wall_clock, max_failovers=self.settings.max_attempts,
+                    turn_started=lambda raw: self._turn_stats(request, raw),
+                    turn_done=self._emit,
                 )
                 session_relay = SessionRelay(link=link, events=events_recv, client_out=out_send,
                                                 hooks=hooks)
@@ -735,7 +798,7 @@ class ProxyHandler:
         """One fallback turn, served like any POST /codex/responses."""
         reply_send, reply_recv = trio.open_memory_channel[Any](1)
         turn = ProxyRequest(path=request.path, headers=request.headers, body=body,
-                            sticky_key=request.sticky_key)
+                            sticky_key=request.sticky_key, surface=Surface.CODEX_WEBSOCKET)
         self._nursery.start_soon(self._serve, Forward(request=turn, reply=reply_send))
         with reply_recv:
             try:
@@ -808,7 +871,8 @@ class ProxyHandler:
                  account_id, lease.generation, text)
         await sink.send_quietly(encode_sse(
             "response.failed", failed_event(code, f"upstream stream failed: {text}")))
-        outcome.terminal = "response.failed"
+        outcome.terminal, outcome.error_code = "response.failed", code
+        outcome.ended_at = trio.current_time()
         return outcome
 
     def _commit(
@@ -829,6 +893,8 @@ class StreamOutcome:
     first_byte_at: float | None = None  # trio clock: the first bytes went to the client
     terminal: str | None = None  # the terminal event's type, ours included
     usage: dict[str, Any] | None = None  # the terminal response's ``usage``, if it had one
+    error_code: str = ""  # the terminal event's error code, ours included
+    ended_at: float | None = None  # trio clock: the client's stream was complete
 
 
 class _StreamRelay:
@@ -935,6 +1001,7 @@ class _StreamRelay:
                 outcome.first_byte_at = trio.current_time()
         if outcome.terminal is not None:
             self._out_send.close()  # the client's stream is complete
+            outcome.ended_at = trio.current_time()
             self._stop.deadline = min(self._stop.deadline,
                                       trio.current_time() + DRAIN_AFTER_TERMINAL)
 
@@ -947,6 +1014,11 @@ class _StreamRelay:
             response = payload.get("response")
             usage = response.get("usage") if isinstance(response, dict) else None
             self.outcome.usage = usage if isinstance(usage, dict) else None
+            error = response.get("error") if isinstance(response, dict) else None
+            if not isinstance(error, dict):
+                error = payload.get("error")
+            if isinstance(error, dict) and isinstance(error.get("code"), str):
+                self.outcome.error_code = error["code"]
 
 
 class EventStream:
@@ -996,6 +1068,19 @@ class _ParsedEvents:
         return self._pending.popleft()
 
 
+def _note_outcome(stats: RequestStats, outcome: StreamOutcome) -> None:
+    """What a relayed stream did, for the request log."""
+    stats.status = 200
+    if outcome.first_byte_at is not None:
+        stats.mark_first_event(outcome.first_byte_at)
+    stats.terminal = outcome.terminal or "client_closed"
+    stats.usage = outcome.usage
+    if outcome.error_code:
+        stats.error_code = outcome.error_code
+    if outcome.ended_at is not None:
+        stats.ended = outcome.ended_at
+
+
 class PassThrough(CodexLBError):
     """The upstream rejected the request itself (a 4xx other than auth/limits)."""
 
@@ -1004,6 +1089,24 @@ class PassThrough(CodexLBError):
         self.http_status = status
         self.body = body
         self.content_type = content_type or "application/json"
+
+
+def _noted(attempt: _Attempt, err: CodexLBError) -> CodexLBError:
+    """The final error of a request, also written on its stats for the request log."""
+    if attempt.stats is not None:
+        attempt.stats.status = err.http_status
+        attempt.stats.error_code = (f"upstream_http_{err.http_status}"
+                                    if isinstance(err, PassThrough) else err.code)
+    return err
+
+
+_MODEL_FIELD = re.compile(r'"model"\s*:\s*"([^"\\]{1,200})"')
+_SURFACES = {"/codex/responses": Surface.CODEX_HTTP, "/codex/responses/compact": Surface.COMPACT,
+             "/codex/models": Surface.MODELS, "/transcribe": Surface.TRANSCRIBE}
+
+
+def _surface_for(path: str) -> str:
+    return _SURFACES.get(path, path.strip("/").replace("/", "_") or "unknown")
 
 
 FAULT_KINDS = ("bad_input", "upstream", "store", "unavailable", "internal")

@@ -35,6 +35,7 @@ from actors.client_manager import ClientFactory, ClientHandle, ClientManager, Cl
 from actors.network import NetworkWatcher, RouteProbe, WallClock, route_probe_for
 from actors.proxy_handler import ProxyHandle, ProxyHandler, ProxySettings
 from actors.refresh_scheduler import RefreshScheduler, SchedulerHandle, SchedulerSettings
+from actors.request_record import RecordSink
 from actors.token_refresher import RefreshSettings, TokenHandle, TokenRefresher
 
 log = logging.getLogger("codex_lb_trio.supervisor")
@@ -149,6 +150,7 @@ async def open_actors(
     watch_network: bool = True,
     periodic_refresh: bool = True,
     policy: SupervisionPolicy = SupervisionPolicy(),
+    on_record: RecordSink | None = None,
 ) -> AsyncIterator[Engine]:
     """Start the actors for ``config`` (a service.config.Config) and yield their handles.
 
@@ -202,6 +204,7 @@ async def open_actors(
         proxy_handler = ProxyHandler(
             store=store, clients=clients, tokens=tokens,
             settings=ProxySettings.from_config(config), wall_clock=wall_clock,
+            on_record=on_record,
         )
         proxy: ProxyHandle = await nursery.start(
             partial(supervise, "proxy handler", proxy_handler.run, policy, on_exit=proxy_handler.close)

@@ -46,6 +46,7 @@ from actors.upstream import (
 if TYPE_CHECKING:
     from actors.accounts import Usage
     from actors.client_manager import Lease
+    from actors.request_record import RequestStats
 
 log = logging.getLogger("codex_lb_trio.proxy.ws")
 
@@ -211,6 +212,7 @@ class _Turn:
     resends: int = 0
     failovers: int = 0
     tried: set[str] = field(default_factory=set)
+    stats: RequestStats | None = None  # for the request log
 
 
 @dataclass(slots=True, kw_only=True)
@@ -223,6 +225,9 @@ class SessionHooks:
     note_usage: Callable[[str, Usage], None]
     wall_clock: Callable[[], float]
     max_failovers: int = 3
+    # The request log (optional): stats for a new turn, and where a finished turn's go.
+    turn_started: Callable[[str], RequestStats | None] = lambda raw: None
+    turn_done: Callable[[RequestStats], None] = lambda stats: None
 
 
 class SessionRelay:
@@ -249,6 +254,14 @@ class SessionRelay:
 
     async def run(self) -> None:
         """Until the client leaves. Cancel-safe; the caller closes the links' nursery."""
+        try:
+            await self._loop()
+        finally:
+            if self._turn is not None and self._turn.stats is not None:
+                self._turn.stats.terminal = "client_closed"  # the turn never ended
+                self._log_turn(self._turn, None)
+
+    async def _loop(self) -> None:
         try:
             while True:
                 with trio.move_on_at(self._deadline()) as timer:
@@ -317,7 +330,8 @@ class SessionRelay:
     # --- a turn
 
     async def _start_turn(self, raw: str) -> None:
-        self._turn = _Turn(raw=raw, last_frame_at=trio.current_time(), tried={self.account_id})
+        self._turn = _Turn(raw=raw, last_frame_at=trio.current_time(), tried={self.account_id},
+                           stats=self._hooks.turn_started(raw))
         await self._dispatch()
 
     async def _dispatch(self) -> None:
@@ -330,6 +344,8 @@ class SessionRelay:
                     return
             turn.last_frame_at = trio.current_time()
             if await self._send_upstream(turn.raw):
+                if turn.stats is not None and self.link is not None:
+                    turn.stats.generation = self.link.lease.generation
                 return
         await self._end_turn(error_frame(
             502, "upstream_connection_lost",
@@ -365,6 +381,25 @@ class SessionRelay:
             for frame in turn.held:
                 await self._send_client(frame)
         await self._send_client(terminal)
+        if turn is not None:
+            self._log_turn(turn, terminal)
+
+    def _log_turn(self, turn: _Turn, terminal: str | None) -> None:
+        """Hand a finished turn's stats to the request log (once)."""
+        stats, turn.stats = turn.stats, None
+        if stats is None:
+            return
+        if terminal is not None:
+            try:
+                payload = json.loads(terminal)
+            except (ValueError, RecursionError):
+                payload = None
+            if isinstance(payload, dict):
+                stats.note_terminal(str(payload.get("type") or ""), payload)
+        stats.account_id = self.account_id
+        stats.failovers = turn.failovers
+        stats.attempts = 1 + turn.failovers + turn.resends
+        self._hooks.turn_done(stats)
 
     async def _turn_went_silent(self) -> None:
         assert self.link is not None
@@ -416,8 +451,11 @@ class SessionRelay:
             for frame in held:
                 await self._send_client(frame)
         await self._send_client(text)
+        if turn.stats is not None:
+            turn.stats.mark_first_event(trio.current_time())
         if kind in TERMINAL_EVENT_TYPES:
             self._turn = None
+            self._log_turn(turn, text)
 
     async def _fail_over(self, failure: UpstreamFailure) -> bool:
         """Replay the uncommitted turn on another account. False: none could take it."""

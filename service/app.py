@@ -26,6 +26,7 @@ from actors.proxy_handler import PassThrough
 from actors.supervisor import Engine
 from service.body import BodyReader
 from service.config import Config, is_loopback, presented_key_digest
+from service.dashboard import is_public_page, register_dashboard
 from service.login import LoginError, import_auth_data
 from service.surfaces import json_body, register_surfaces
 
@@ -46,7 +47,10 @@ def error_response(err: CodexLBError) -> Response:
     return json_response(openai_error_body(err), err.http_status)
 
 
-def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
+def create_app(
+    engine: Engine, config: Config, *, store: Any = None, request_log: Any = None,
+    dashboard: Any = None,
+) -> Quart:
     app = QuartTrio("codex_lb_trio")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.config["BODY_TIMEOUT"] = None
@@ -213,9 +217,12 @@ def create_app(engine: Engine, config: Config, *, store: Any = None) -> Quart:
             text += render_request_faults((await engine.proxy.stats()).get("request_faults", {}))
         except ActorUnavailable:
             pass  # the proxy handler is restarting: its lines come back with it
+        if request_log is not None:
+            text += request_log.metrics.render(request_log.pending)
         return Response(text, content_type="text/plain; version=0.0.4")
 
     register_surfaces(app, engine, config)
+    register_dashboard(app, engine, config, request_log=request_log, services=dashboard)
     return app
 
 
@@ -320,7 +327,8 @@ class RequestPolicy:
                 f"requests from web pages at {_shown(origin)} are refused; list the origin in "
                 "server.allowed_origins to allow it", "origin_not_allowed")
         authorized = bool(self.key_digests) and self.key_ok(headers.get("authorization", ""))
-        if self.key_digests and path not in OPEN_PATHS and not authorized:
+        if (self.key_digests and path not in OPEN_PATHS and not is_public_page(path)
+                and not authorized):
             return _policy_error("missing or wrong proxy API key: send Authorization: Bearer <key>",
                                  "invalid_api_key", 401)
         from_browser = origin is not None or "sec-fetch-site" in headers

@@ -99,6 +99,7 @@ class RoutingConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageConfig:
     home: str = ""  # empty: $CODEX_LB_TRIO_HOME, else ~/.codex-lb-trio
+    request_log_days: float = 30.0  # request log retention; 0 keeps rows forever
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -324,6 +325,7 @@ RULES: dict[str, Rule] = {
     "routing.max_attempts": number(1, 100),
     "routing.default_cooldown": number(0, 7 * 86400),
     "auth.api_keys": each(_api_key, secret=True),
+    "storage.request_log_days": number(0, 36_500),
 }
 
 

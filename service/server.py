@@ -22,6 +22,8 @@ from hypercorn.trio import serve as hypercorn_serve
 from actors.supervisor import Engine, open_actors
 from service.app import create_app
 from service.config import Config, ConfigError, is_loopback
+from service.dashboard import open_dashboard_services
+from service.request_log import open_request_log
 
 log = logging.getLogger("codex_lb_trio.server")
 
@@ -69,10 +71,14 @@ async def serve(
         if store is None:
             store = await open_default_store(config)
             stack.push_async_callback(store.aclose)
-        engine = await stack.enter_async_context(
-            open_actors(config, store, **(engine_options or {}))
+        request_log = await stack.enter_async_context(
+            open_request_log(config.home, retention_days=config.storage.request_log_days)
         )
-        app = create_app(engine, config, store=store)
+        engine = await stack.enter_async_context(
+            open_actors(config, store, on_record=request_log.record, **(engine_options or {}))
+        )
+        dashboard = await stack.enter_async_context(open_dashboard_services(engine, config))
+        app = create_app(engine, config, store=store, request_log=request_log, dashboard=dashboard)
         hyper = HypercornConfig()
         hyper.bind = [f"{config.server.host}:{config.server.port}"]
         hyper.graceful_timeout = config.server.drain_seconds

@@ -54,6 +54,7 @@ def run_status(
                           trust_env=False) as client:
             accounts = _accounts(_get(client, base_url, "/api/accounts"))
             clients = _get(client, base_url, "/api/clients")
+            today = _today(client)
     except StatusError as exc:
         print(f"codex-lb-trio: {exc}", file=err)
         return 1
@@ -63,6 +64,8 @@ def run_status(
         lines.append("  none yet: add one with `codex-lb-trio accounts import` or `accounts login`")
     for account in accounts:
         lines += _account_lines(account, now)
+        if today is not None:
+            lines.append(_today_line(_dict(today.get(str(account.get("id"))))))
     lines += ["", *_client_lines(clients)]
     print("\n".join(lines), file=out)
     return 0
@@ -87,6 +90,29 @@ def _get(client: httpx.Client, base_url: str, path: str) -> Any:
         return response.json()
     except ValueError:
         raise StatusError(f"GET {path} answered something that is not JSON") from None
+
+
+def _today(client: httpx.Client) -> dict[str, Any] | None:
+    """Per-account totals since local midnight from the request log (None if unavailable)."""
+    midnight = dt.datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    try:
+        response = client.get("/api/usage/summary", params={"since": f"{midnight:.0f}"})
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    accounts = body.get("accounts") if isinstance(body, dict) else None
+    return accounts if isinstance(accounts, dict) else None
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _today_line(totals: dict[str, Any]) -> str:
+    requests, errors = _count(totals.get("requests")), _count(totals.get("errors"))
+    tokens = _count(totals.get("input_tokens")) + _count(totals.get("output_tokens"))
+    return (f"    {'today':<9} {requests} request{'s' * (requests != 1)}, "
+            f"{errors} error{'s' * (errors != 1)}, {tokens} tokens")
 
 
 def _message(response: httpx.Response) -> str:

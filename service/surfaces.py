@@ -29,6 +29,7 @@ from actors.openai_compat import (
     responses_request_for_upstream,
 )
 from actors.proxy_handler import Exchange, ProxyRequest
+from actors.request_record import Surface
 from actors.supervisor import Engine
 from actors.upstream import (
     ClientInputError,
@@ -271,9 +272,14 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         body, raw = await json_body_and_text()
         stream_flag(body)
         headers = client_headers()
+        key = sticky_key(dict(headers), body)
+        # The client's text goes up as sent; of the parsed body the proxy reads only the model,
+        # so the whole parsed copy is let go before the exchange (a 30 MiB body's memory).
+        slim = {"model": body["model"]} if "model" in body else {}
+        del body
         return await proxy.forward(ProxyRequest(
-            path=path, headers=headers, body=body, raw_body=raw, stream=stream,
-            sticky_key=sticky_key(dict(headers), body), header_timeout=header_timeout,
+            path=path, headers=headers, body=slim, raw_body=raw, stream=stream,
+            sticky_key=key, header_timeout=header_timeout,
         ), timeout=(header_timeout or 0) + 300.0)
 
     @app.post("/backend-api/codex/responses")
@@ -405,7 +411,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         headers = client_headers()
         exchange = await proxy.forward(ProxyRequest(
             path="/codex/responses", headers=headers, body=upstream_body,
-            sticky_key=sticky_key(dict(headers), body),
+            sticky_key=sticky_key(dict(headers), body), surface=Surface.V1_RESPONSES,
         ))
         if wants_stream:
             return sse_response(exchange)
@@ -424,7 +430,7 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         headers = client_headers()
         exchange = await proxy.forward(ProxyRequest(
             path="/codex/responses", headers=headers, body=upstream_body,
-            sticky_key=sticky_key(dict(headers), upstream_body),
+            sticky_key=sticky_key(dict(headers), upstream_body), surface=Surface.CHAT,
         ))
         if not wants_stream:
             final = await collect_final_response(exchange)

@@ -230,6 +230,7 @@ class Rig:
 async def rig(
     accounts: list[Account], *, upstream: Upstream | None = None, background: bool = False,
     refresh: dict[str, Any] | None = None, clients: dict[str, Any] | None = None,
+    on_record: Any = None,
 ) -> AsyncIterator[Rig]:
     """The engine without hypercorn; the proxy runs under a real supervisor (restarts and all)."""
     from actors.supervisor import supervise
@@ -250,7 +251,7 @@ async def rig(
         )
         tokens = await nursery.start(supervise, "token refresher", refresher.run)
         handler = ProxyHandler(store=store, clients=clients, tokens=tokens, wall_clock=wall,
-                               settings=ProxySettings(base_url=BASE_URL))
+                               settings=ProxySettings(base_url=BASE_URL), on_record=on_record)
         proxy = await nursery.start(supervise, "proxy handler", handler.run)
         yield Rig(upstream, store, clients, tokens, proxy, refresher, handler, nursery)
         nursery.cancel_scope.cancel()

@@ -54,6 +54,7 @@ async def open_stack(
                      "auth_base_url": fake.auth_base_url_for(chaos.port),
                      "header_timeout": 2.0, "connect_timeout": 2.0},
         "client": {"shutdown_grace": 2.0, "watch_interval": 0.5},
+        "storage": {"home": str(tmp_path / "home")},  # the request log's file goes here too
     }
     for section, values in overrides.items():
         sections.setdefault(section, {}).update(values)
