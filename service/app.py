@@ -24,7 +24,7 @@ from actors.errors import ActorUnavailable, ClientError, CodexLBError, openai_er
 from actors.messages import ClientStats, RotationReason
 from actors.proxy_handler import PassThrough
 from actors.supervisor import Engine
-from service.body import BodyReader
+from service.body import BodyReader, FinishBodyFirst
 from service.config import Config, is_loopback, presented_key_digest
 from service.dashboard import is_public_page, register_dashboard
 from service.login import LoginError, import_auth_data
@@ -61,10 +61,12 @@ def create_app(
     app.url_map.strict_slashes = False
     policy = RequestPolicy.from_config(config)
     app.config["CSRF_TOKEN"] = policy.csrf_token
+    app.asgi_app = FinishBodyFirst(app.asgi_app)  # type: ignore[method-assign]
     app.config["BODY_READER"] = BodyReader(
         max_bytes=config.server.max_body_bytes,
         large_bytes=config.server.large_body_bytes,
         large_slots=config.server.large_body_slots,
+        idle_seconds=config.server.body_idle_timeout,
     )
     started_at = time.time()
 

@@ -178,8 +178,10 @@ def _parse(text: str, yield_gil: bool = False) -> Any:
 class BodyReader:
     """Reads, decodes and parses request bodies for one app (it owns the large-body slots)."""
 
-    def __init__(self, *, max_bytes: int, large_bytes: int, large_slots: int) -> None:
+    def __init__(self, *, max_bytes: int, large_bytes: int, large_slots: int,
+                 idle_seconds: float = 60.0) -> None:
         self.max_bytes = max_bytes
+        self.idle_seconds = idle_seconds
         self.large_bytes = large_bytes
         self._large = trio.CapacityLimiter(large_slots)
 
@@ -223,7 +225,22 @@ class BodyReader:
 
         try:
             checked = 0
-            async for chunk in request.body:
+            chunks = request.body.__aiter__()
+            while True:
+                stalled = True
+                with trio.move_on_after(self.idle_seconds):
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    stalled = False
+                if stalled:
+                    err = ClientError(
+                        f"request body stopped arriving for {self.idle_seconds:g} s "
+                        "(server.body_idle_timeout)", status=408,
+                    )
+                    err.code = "request_timeout"
+                    raise err
                 # The server may have queued megabytes meanwhile: work through them in slices
                 # and let other tasks run after every MiB, so no single step stalls the loop.
                 view = memoryview(chunk)
@@ -310,3 +327,61 @@ class _Slot:
 
 
 __all__ = ["BodyReader", "TooLarge", "is_json_content_type"]
+
+
+class FinishBodyFirst:
+    """ASGI wrapper: a response never races the request body it answers.
+
+    An answer can be ready before the client has finished sending its body: a 413 after the
+    first megabytes, a 401 or a 403 decided from the headers. Answering then breaks the
+    kept-alive connection in Hypercorn: the response's end closes the connection instead of
+    starting the next cycle, the app task doing that close is cancelled half-way (Quart-trio
+    cancels the request's nursery as soon as the disconnect it caused arrives), the socket
+    stays open, and the client's next request on it waits forever.
+
+    So a response start waits, at most ``drain_seconds``, until the body has fully arrived
+    (Quart keeps reading it meanwhile and drops what passes ``MAX_CONTENT_LENGTH``, so memory
+    stays bounded); a body still arriving after that gets ``Connection: close``. And the
+    final body message is sent shielded, bounded by ``close_seconds``, so the connection's
+    close or recycle runs to its end.
+    """
+
+    def __init__(self, app: Callable[..., Any], *, drain_seconds: float = 5.0,
+                 close_seconds: float = 10.0) -> None:
+        self._app = app
+        self._drain_seconds = drain_seconds
+        self._close_seconds = close_seconds
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any],
+                       send: Callable[..., Any]) -> None:
+        if scope.get("type") != "http":
+            await self._app(scope, receive, send)
+            return
+        body_done = trio.Event()
+
+        async def tracked_receive() -> dict[str, Any]:
+            message = await receive()
+            kind = message.get("type")
+            if kind == "http.disconnect" or (
+                kind == "http.request" and not message.get("more_body", False)
+            ):
+                body_done.set()
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            kind = message.get("type")
+            if kind == "http.response.start" and not body_done.is_set():
+                with trio.move_on_after(self._drain_seconds):
+                    await body_done.wait()
+                if not body_done.is_set():
+                    headers = [(k, v) for k, v in message.get("headers", [])
+                               if k.lower() != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            if kind == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True) as shielded:
+                    shielded.deadline = trio.current_time() + self._close_seconds
+                    await send(message)
+                return
+            await send(message)
+
+        await self._app(scope, tracked_receive, guarded_send)

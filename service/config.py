@@ -41,6 +41,8 @@ class ServerConfig:
     # so a few big requests at once cannot exhaust memory (the others wait their turn).
     large_body_bytes: int = 1024 * 1024
     large_body_slots: int = 2
+    # A request body that stops arriving for this long is answered 408 (slow or dead client).
+    body_idle_timeout: float = 60.0
     # Host names (besides loopback) this server answers to; see README "Security".
     allowed_hosts: tuple[str, ...] = ()
     # Browser origins (scheme://host[:port]) allowed besides our own same-origin pages.
@@ -294,6 +296,7 @@ RULES: dict[str, Rule] = {
     "server.log_level": choice("debug", "info", "warning", "error", "critical"),
     "server.large_body_bytes": number(1024, 2**31),
     "server.large_body_slots": number(1, 64),
+    "server.body_idle_timeout": number(0.1, 3600),
     "server.allowed_hosts": each(_host_name),
     "server.allowed_origins": each(_origin),
     "upstream.base_url": _http_url,

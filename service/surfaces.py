@@ -148,6 +148,12 @@ class UploadTooLarge(ClientError):
     """The upload passed ``server.max_body_bytes`` while it was being streamed."""
 
 
+class UploadStalled(ClientError):
+    """The client stopped sending its upload for ``server.body_idle_timeout``."""
+
+    code = "request_timeout"
+
+
 class UploadStream:
     """The client's upload, streamed once into the upstream request, never buffered whole.
 
@@ -155,11 +161,14 @@ class UploadStream:
     after the upload was consumed) fails instead of sending an empty body.
     """
 
-    def __init__(self, source: AsyncIterable[bytes], *, max_bytes: int) -> None:
+    def __init__(self, source: AsyncIterable[bytes], *, max_bytes: int,
+                 idle_seconds: float = 60.0) -> None:
         self._source = source
         self.max_bytes = max_bytes
+        self.idle_seconds = idle_seconds
         self.sent = 0
         self.too_large = False
+        self.stalled = False
         self._used = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -171,7 +180,20 @@ class UploadStream:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._source:
+            chunks = self._source.__aiter__()
+            while True:
+                stalled = True
+                with trio.move_on_after(self.idle_seconds):
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    stalled = False
+                if stalled:
+                    self.stalled = True
+                    raise UploadStalled(
+                        f"the upload stopped arriving for {self.idle_seconds:g} s "
+                        "(server.body_idle_timeout)", status=408)
                 self.sent += len(chunk)
                 if self.sent > self.max_bytes:
                     raise RequestEntityTooLarge()
@@ -355,6 +377,9 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         except CodexLBError:
             if upload.too_large:
                 raise RequestEntityTooLarge() from None  # answered 413, connection closed
+            if upload.stalled:
+                raise UploadStalled(f"the upload stopped arriving for {upload.idle_seconds:g} s "
+                                    "(server.body_idle_timeout)", status=408) from None
             raise
 
     def upload_of() -> UploadStream:
@@ -365,7 +390,8 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         if encoding not in ("", "identity"):
             raise ClientError("transcription uploads are not accepted with a Content-Encoding",
                               status=415, param="content-encoding")
-        return UploadStream(request.body, max_bytes=config.server.max_body_bytes)
+        return UploadStream(request.body, max_bytes=config.server.max_body_bytes,
+                            idle_seconds=config.server.body_idle_timeout)
 
     @app.post("/backend-api/transcribe")
     async def backend_transcribe() -> Response:

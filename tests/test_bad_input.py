@@ -200,6 +200,62 @@ async def test_oversize_chunked_body_without_length_is_413(tmp_path, fake_upstre
             await assert_still_serving(stack, http)
 
 
+async def _slow_oversize_chunks():
+    # The answer is decided after the first 1.5 KB; the rest of the body is still on its way.
+    payload = json.dumps({**CODEX_BODY, "instructions": "z" * 8192}).encode()
+    for start in range(0, len(payload), 512):
+        if start == 2048:
+            await trio.sleep(0.3)
+        yield payload[start:start + 512]
+
+
+@pytest.mark.parametrize("auth", [{}, {"api_keys": ["sekret"]}], ids=["413", "401"])
+async def test_an_early_answer_keeps_the_connection_usable(tmp_path, fake_upstream, chaos, auth):
+    # A 413 (or a 401) decided before the client finished its body used to end the response
+    # while Hypercorn still expected body bytes: the connection was neither recycled nor
+    # closed, and the next request on it waited forever.
+    headers = {**CODEX_HEADERS, **JSON}
+    if auth:
+        headers["authorization"] = "Bearer wrong-key-123456"
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, fake_upstream, chaos, auth=auth,
+                              server={"max_body_bytes": 1024}) as stack, \
+                stack.http(limits=httpx.Limits(max_connections=1)) as http:
+            for _ in range(3):
+                response = await http.post(CODEX_PATH, content=_slow_oversize_chunks(),
+                                           headers=headers)
+                assert response.status_code == (401 if auth else 413), response.text
+                assert response.headers.get("connection") != "close"  # kept alive
+            good = {"authorization": "Bearer sekret"} if auth else {}
+            with trio.fail_after(10):
+                await assert_still_serving(stack, http, **good)
+
+
+async def test_a_body_that_never_ends_gets_its_answer_and_a_close(tmp_path, fake_upstream, chaos):
+    # Content-Length promises more than ever arrives: a 408 comes after body_idle_timeout, within the drain
+    # bound, with Connection: close, and the server goes on serving others.
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, fake_upstream, chaos,
+                              server={"max_body_bytes": 1024, "body_idle_timeout": 1.0}
+                              ) as stack, stack.http() as http:
+            sock = await trio.open_tcp_stream("127.0.0.1", httpx.URL(stack.url).port)
+            async with sock:
+                await sock.send_all(
+                    b"POST " + CODEX_PATH.encode() + b" HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                    b"content-type: application/json\r\ncontent-length: 900\r\n\r\n"
+                    + b"{" + b" " * 100)
+                received = b""
+                with trio.fail_after(15):
+                    while b"\r\n\r\n" not in received:
+                        chunk = await sock.receive_some(65536)
+                        assert chunk, received
+                        received += chunk
+                head = received.split(b"\r\n\r\n")[0].lower()
+                assert head.startswith(b"http/1.1 408"), head
+                assert b"connection: close" in head, head
+            await assert_still_serving(stack, http)
+
+
 async def test_deeply_nested_json_is_400_not_500(tmp_path, fake_upstream, chaos):
     # json.loads raises RecursionError (not ValueError) past ~1000 levels: still bad input.
     with trio.fail_after(30):

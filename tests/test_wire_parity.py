@@ -483,6 +483,43 @@ async def test_transcription_over_the_size_limit_is_413_while_streaming(
                 assert (await http.get("/health")).status_code == 200
 
 
+# The fake backend parses uploads with Quart's form parser, which leaves its temporary file to
+# the garbage collector when the upload it was reading is cut off (as here, by the proxy).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_stalled_transcription_upload_is_408_not_held_forever(
+    tmp_path, fake_upstream, chaos
+):
+    # The client sends half its upload and goes quiet: the pooled upstream request must not
+    # wait on it forever.
+    with trio.fail_after(DEADLINE):
+        async with open_stack(tmp_path, fake_upstream, chaos,
+                              server={"body_idle_timeout": 0.5}, **QUIET) as stack:
+            boundary = "b-stall"
+            body = multipart([("file", ("s.wav", "audio/wav", AUDIO))], boundary)
+            half = body[: len(body) // 2]
+            sock = await trio.open_tcp_stream("127.0.0.1", httpx.URL(stack.url).port)
+            async with sock:  # a raw client: it waits for the answer while it stays quiet
+                await sock.send_all(
+                    b"POST /backend-api/transcribe HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                    b"content-type: multipart/form-data; boundary=" + boundary.encode()
+                    + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+                    + f"{len(half):x}\r\n".encode() + half + b"\r\n")
+                received = b""
+                while not received.endswith(b"}") :
+                    chunk = await sock.receive_some(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+            head, _, payload = received.partition(b"\r\n\r\n")
+            assert head.lower().startswith(b"http/1.1 408"), received
+            assert b"connection: close" in head.lower()
+            error = json.loads(payload)["error"]
+            assert error["code"] == "request_timeout"
+            assert "body_idle_timeout" in error["message"]
+            async with stack.http() as http:
+                assert (await http.get("/health")).status_code == 200
+
+
 # --- the fake decodes compressed bodies as the backend does ------------------------------------
 
 
