@@ -791,7 +791,7 @@ class ProxyHandler:
             return
         self._sticky.forget_account(account_id)
         self.counters["rate_limited"] += 1
-        log.info("websocket account=%s error=%s cooling_down_for=%.0fs", account_id,
+        log.info("stream account=%s error=%s cooling_down_for=%.0fs", account_id,
                  failure.code, until - self._wall_clock())
 
     async def _http_turn(self, request: ProxyRequest, body: dict[str, Any]) -> Exchange:
@@ -923,6 +923,7 @@ class _StreamRelay:
         self.committed = False
         self.client_gone = False
         self.early_failure: Any = None
+        self.late_failure: Any = None  # a usage-limit failure after the commit: cool down
         self.error: CodexLBError | None = None
         self.bug: Exception | None = None
 
@@ -981,10 +982,17 @@ class _StreamRelay:
             if kind in TERMINAL_EVENT_TYPES:
                 outcome.terminal = kind
                 cut = end
+                if payload is not None and kind != "response.completed":
+                    failure = classify_stream_error_event(payload, self._handler._wall_clock())
+                    if failure is not None and failure.kind in ("rate_limited", "quota"):
+                        self.late_failure = failure  # too late to fail over; not to rest
                 break
         if not self.committed:
             self.held.append(complete)
             return
+        if self.late_failure is not None:  # the pool knows before the client does
+            failure, self.late_failure = self.late_failure, None
+            await self._handler._cool_down_from_stream(self._account_id, failure)
         if self.held:
             complete = b"".join((*self.held, complete[:cut]))
             self.held.clear()

@@ -139,11 +139,13 @@ def handshake_extra(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 async def open_upstream_websocket(
     url: str, extra_headers: list[tuple[bytes, bytes]], *, connect_timeout: float,
     socket_options: Sequence[tuple[int, int, int]] = (),
+    register: Callable[[Any], Callable[[], None]] | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """Open the upstream socket over a stream we own.
 
     trio-websocket's open_websocket_url leaks its socket when the upgrade is refused;
-    owning the stream lets us close it on every path.
+    owning the stream lets us close it on every path. ``register`` (a lease's
+    ``register_socket``) puts the socket under address evidence while it is open.
     """
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
@@ -157,6 +159,7 @@ async def open_upstream_websocket(
             tcp = stream.transport_stream  # type: ignore[attr-defined]
         else:
             stream = tcp = await trio.open_tcp_stream(host, port)
+    forget = register(tcp.socket) if register is not None else (lambda: None)
     try:
         for level, option, value in socket_options:
             tcp.setsockopt(level, option, value)
@@ -174,6 +177,7 @@ async def open_upstream_websocket(
                     await connection.aclose()
                 nursery.cancel_scope.cancel()
     finally:
+        forget()
         with trio.move_on_after(2, shield=True):
             await stream.aclose()
 

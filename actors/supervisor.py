@@ -220,7 +220,9 @@ async def open_actors(
             # the clients drain their leases.
             with trio.move_on_after(STOP_GRACE, shield=True):
                 await scheduler.shutdown()
-            with trio.move_on_after(STOP_GRACE * 12, shield=True):
+            # As long as a refresh in flight may take (its answer is the only copy of the
+            # new tokens): the auth clients must not be closed under it.
+            with trio.move_on_after(tokens.shutdown_timeout + STOP_GRACE, shield=True):
                 await tokens.shutdown()
             with trio.move_on_after(settings.shutdown_grace + 2 * STOP_GRACE, shield=True):
                 async with trio.open_nursery() as closing:

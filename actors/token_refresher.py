@@ -164,6 +164,11 @@ class TokenHandle:
         )
         return result
 
+    @property
+    def shutdown_timeout(self) -> float:
+        """How long an orderly stop may take: a refresh in flight finishes and is written."""
+        return self._shutdown_timeout
+
     async def shutdown(self) -> None:
         try:
             await call(self._inbox, lambda r: ShutdownRefresher(reply=r), actor="token refresher",

@@ -140,6 +140,7 @@ async def serve_link(
             async with open_upstream_websocket(
                 url, extra_headers, connect_timeout=connect_timeout,
                 socket_options=keepalive_socket_options(lease.settings),
+                register=lease.register_socket,
             ) as connection:
                 link = UpstreamLink(account_id=account_id, connection=connection, lease=lease,
                                     headers=upgrade_headers(connection),

@@ -70,6 +70,32 @@ async def test_rate_limited_account_fails_over_and_cools_down(tmp_path, fake_ups
             assert error["resets_at"] == resets_at
 
 
+async def test_usage_limit_after_the_first_byte_still_cools_the_account_down(
+    tmp_path, fake_upstream, chaos
+):
+    # Too late to fail over (the client has events), not too late to rest the account: the
+    # next request goes to the other one instead of hitting the same limit again.
+    with trio.fail_after(30):
+        async with open_stack(tmp_path, fake_upstream, chaos, accounts=2) as stack, \
+                stack.http() as http:
+            resets_at = int(time.time()) + 3600
+            session = {**CODEX_HEADERS, "session-id": "late-limit"}
+            await post_turn(http, headers=session)
+            first = fake_account_of_last(stack)
+            other = "acct-b" if first == "acct-a" else "acct-a"
+            fake_upstream.fault(first, "responses", Fault.stream_failed(
+                "usage_limit_reached", after_events=4, resets_at=resets_at))
+            response, events = await post_turn(http, headers=session)
+            assert response.status_code == 200
+            assert len(events) == 5  # the client saw the stream, then its one terminal event
+            assert events[-1]["type"] == "response.failed"
+            assert events[-1]["response"]["error"]["code"] == "usage_limit_reached"
+            assert fake_account_of_last(stack) == first  # no replay after the first byte
+            assert (await stack.store.get(stack.accounts[first].id)).cooldown_until == resets_at
+            await post_turn(http, headers=session)
+            assert fake_account_of_last(stack) == other
+
+
 def fake_account_of_last(stack) -> str:
     return stack.fake.requests_for("responses")[-1].headers["chatgpt-account-id"]
 

@@ -348,3 +348,59 @@ async def test_permanent_failure_marks_reauth_when_no_newer_login(autojump_clock
             await r.tokens.ensure_fresh("acc_1")
         stored = await r.store.get("acc_1")
         assert stored.status is AccountStatus.REAUTH_REQUIRED
+
+
+class _ClosingTransport(httpx.AsyncBaseTransport):
+    """A mock transport whose close breaks the exchanges in flight, as a socket's close does."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+        self._open: set[trio.CancelScope] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        with trio.CancelScope() as scope:
+            self._open.add(scope)
+            try:
+                return await self._inner.handle_async_request(request)
+            finally:
+                self._open.discard(scope)
+        raise httpx.ReadError("the client was closed under the exchange", request=request)
+
+    async def aclose(self) -> None:
+        for scope in self._open:
+            scope.cancel()
+
+
+async def test_shutdown_waits_for_a_slow_refresh_in_flight_and_keeps_its_answer(autojump_clock):
+    # The token endpoint may take up to token_header_timeout; its answer is the only copy of
+    # the new triple (the old refresh token is spent). An orderly stop that began meanwhile
+    # must let it finish and be written before the auth clients close under it.
+    from actors.supervisor import open_actors
+
+    upstream = Upstream(token_delay=100.0)
+    account = make_account(1, expires_in=60)
+    upstream.add(account)
+    store = FlakyStore([account])
+    config = with_overrides(Config(), upstream={
+        "base_url": "http://backend.test/backend-api", "auth_base_url": AUTH_URL,
+        "token_header_timeout": 120.0})
+    factory = lambda generation: httpx.AsyncClient(  # noqa: E731
+        transport=_ClosingTransport(httpx.MockTransport(upstream.handler(generation))))
+    answers: list[object] = []
+
+    async def refresh(engine) -> None:
+        try:
+            answers.append(await engine.tokens.ensure_fresh("acc_1"))
+        except Exception as exc:  # the caller may give up; the token must not be lost
+            answers.append(exc)
+
+    with trio.fail_after(600):
+        async with trio.open_nursery() as outer:
+            async with open_actors(config, store, client_factory=factory, watch_network=False,
+                                   periodic_refresh=False, wall_clock=wall) as engine:
+                outer.start_soon(refresh, engine)
+                await trio.sleep(1.0)  # the refresh is on its way; now stop
+    stored = await store.get("acc_1")
+    assert upstream.presented == ["rt-acct-1-0"]
+    assert stored.tokens.refresh_token == "rt-acct-1-1"  # the answer was kept
+    assert stored.status is AccountStatus.ACTIVE

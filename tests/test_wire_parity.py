@@ -134,6 +134,41 @@ async def test_in_turn_usage_limit_cools_down_and_replays_the_turn_on_another_ac
                 assert fake_upstream.count("ws_turns", first) == 1
 
 
+async def test_address_evidence_closes_the_upstream_websocket_of_a_silent_turn(
+    tmp_path, fake_upstream, chaos
+):
+    # The route moved to another local address: the turn's upstream socket, bound to the old
+    # one, is shut at once and the turn ends with its terminal event (not after 240 s of
+    # silence); the next turn goes out on a fresh socket.
+    with trio.fail_after(DEADLINE):
+        async with open_stack(tmp_path, fake_upstream, chaos,
+                              upstream={"stream_idle_timeout": 240.0,
+                                        "dead_path_silence": 30.0}, **QUIET) as stack:
+            async with client_socket(stack) as ws:
+                assert (await ws_turn(ws))[-1]["type"] == "response.completed"
+                first = session_account(stack)
+                fake_upstream.fault(first, "ws", Fault.stop_midway(after_events=3, mode="silent"))
+                frames: list[dict[str, Any]] = []
+
+                async def turn() -> None:
+                    frames.extend(await ws_turn(ws))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(turn)
+                    await fake_upstream.wait_for_count("ws_turns", 2)
+                    await trio.sleep(0.3)
+                    changed = trio.current_time()
+                    await stack.engine.clients.address_changed(old="127.0.0.1",
+                                                               new="127.0.0.2")
+                # The generation's path death alone would end the turn after 30 s of silence.
+                assert trio.current_time() - changed < 15.0
+                assert frames[-1]["type"] == "response.failed", frames[-1]
+                assert terminal_count(frames) == 1
+                stats = await stack.engine.clients.stats()
+                assert stats.sockets_closed["address"] >= 1
+                assert (await ws_turn(ws))[-1]["type"] == "response.completed"
+
+
 async def test_usage_limit_with_no_other_account_reaches_the_client_and_cools_down(
     tmp_path, fake_upstream, chaos
 ):

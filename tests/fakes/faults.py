@@ -144,9 +144,12 @@ class Fault:
         return cls(kind=FaultKind.INVALID_PAYLOAD)
 
     @classmethod
-    def stream_failed(cls, code: str = "server_is_overloaded", message: str = "") -> Fault:
-        """A 200 stream whose first (and only) event is ``response.failed`` with ``code``."""
-        return cls(kind=FaultKind.STREAM_FAILED, code=code, message=message)
+    def stream_failed(cls, code: str = "server_is_overloaded", message: str = "", *,
+                      after_events: int = 0, resets_at: float | None = None) -> Fault:
+        """A 200 stream ending in ``response.failed`` with ``code``: its first (and only)
+        event, or after ``after_events`` normal ones; ``resets_at`` goes in the error."""
+        return cls(kind=FaultKind.STREAM_FAILED, code=code, message=message,
+                   after_events=after_events, resets_at=resets_at)
 
     # --- rendering ----------------------------------------------------------------
 

@@ -407,10 +407,14 @@ def _turn_events(
     account = fake.account(account_id)
     now = time.time()
     model = str(body.get("model") or "gpt-5.1-codex") if isinstance(body, dict) else "gpt-5.1-codex"
+    failed = None
     if fault is not None and fault.kind is FaultKind.STREAM_FAILED:
-        return [
-            failed_event(code=fault.code, message=fault.message, model=model, created_at=int(now))
-        ]
+        failed = failed_event(code=fault.code, message=fault.message, model=model,
+                              created_at=int(now))
+        if fault.resets_at is not None:
+            failed["response"]["error"]["resets_at"] = fault.resets_at
+        if not fault.after_events:
+            return [failed]
     events = response_events(
         text=fake.reply_text,
         model=model,
@@ -420,6 +424,8 @@ def _turn_events(
     )
     if fault is not None and fault.kind is FaultKind.STOP_MIDWAY:
         return events[: fault.after_events]
+    if failed is not None:
+        return [*events[: fault.after_events], failed]
     return events
 
 
