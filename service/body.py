@@ -18,7 +18,7 @@ import codecs
 import json
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from typing import Any, Protocol
 
 import trio
@@ -131,6 +131,38 @@ class TooLarge(ClientError):
     """The decoded body passed the limit."""
 
 
+class BodyStalled(ClientError):
+    """The client stopped sending its body for ``server.body_idle_timeout``."""
+
+    code = "request_timeout"
+
+    def __init__(self, idle_seconds: float) -> None:
+        super().__init__(f"request body stopped arriving for {idle_seconds:g} s "
+                         "(server.body_idle_timeout)", status=408)
+
+
+class arriving:  # noqa: N801 (used like a function: ``async for chunk in arriving(...)``)
+    """The chunks of a request body; BodyStalled when none comes for ``idle_seconds``.
+
+    An iterator object rather than an async generator: nothing to finalise when the reader
+    stops early (a 413, a client gone).
+    """
+
+    __slots__ = ("_chunks", "_idle_seconds")
+
+    def __init__(self, source: AsyncIterable[bytes], idle_seconds: float) -> None:
+        self._chunks = source.__aiter__()
+        self._idle_seconds = idle_seconds
+
+    def __aiter__(self) -> arriving:
+        return self
+
+    async def __anext__(self) -> bytes:
+        with trio.move_on_after(self._idle_seconds):
+            return await self._chunks.__anext__()
+        raise BodyStalled(self._idle_seconds)
+
+
 def is_json_content_type(value: str) -> bool:
     """``application/json``, optionally with ``charset=utf-8``, and nothing else.
 
@@ -225,22 +257,7 @@ class BodyReader:
 
         try:
             checked = 0
-            chunks = request.body.__aiter__()
-            while True:
-                stalled = True
-                with trio.move_on_after(self.idle_seconds):
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    stalled = False
-                if stalled:
-                    err = ClientError(
-                        f"request body stopped arriving for {self.idle_seconds:g} s "
-                        "(server.body_idle_timeout)", status=408,
-                    )
-                    err.code = "request_timeout"
-                    raise err
+            async for chunk in arriving(request.body, self.idle_seconds):
                 # The server may have queued megabytes meanwhile: work through them in slices
                 # and let other tasks run after every MiB, so no single step stalls the loop.
                 view = memoryview(chunk)

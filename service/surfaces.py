@@ -37,7 +37,7 @@ from actors.upstream import (
     parse_event_json,
     unsendable_header,
 )
-from service.body import BodyReader
+from service.body import BodyReader, BodyStalled, arriving
 from service.config import Config
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -148,12 +148,6 @@ class UploadTooLarge(ClientError):
     """The upload passed ``server.max_body_bytes`` while it was being streamed."""
 
 
-class UploadStalled(ClientError):
-    """The client stopped sending its upload for ``server.body_idle_timeout``."""
-
-    code = "request_timeout"
-
-
 class UploadStream:
     """The client's upload, streamed once into the upstream request, never buffered whole.
 
@@ -168,7 +162,7 @@ class UploadStream:
         self.idle_seconds = idle_seconds
         self.sent = 0
         self.too_large = False
-        self.stalled = False
+        self.stalled: BodyStalled | None = None
         self._used = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -180,24 +174,14 @@ class UploadStream:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         try:
-            chunks = self._source.__aiter__()
-            while True:
-                stalled = True
-                with trio.move_on_after(self.idle_seconds):
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    stalled = False
-                if stalled:
-                    self.stalled = True
-                    raise UploadStalled(
-                        f"the upload stopped arriving for {self.idle_seconds:g} s "
-                        "(server.body_idle_timeout)", status=408)
+            async for chunk in arriving(self._source, self.idle_seconds):
                 self.sent += len(chunk)
                 if self.sent > self.max_bytes:
                     raise RequestEntityTooLarge()
                 yield chunk
+        except BodyStalled as stalled:
+            self.stalled = stalled
+            raise
         except RequestEntityTooLarge:  # ours, or Quart's own MAX_CONTENT_LENGTH check
             self.too_large = True
             raise UploadTooLarge(f"request body larger than {self.max_bytes} bytes",
@@ -377,9 +361,8 @@ def register_surfaces(app: Quart, engine: Engine, config: Config) -> None:
         except CodexLBError:
             if upload.too_large:
                 raise RequestEntityTooLarge() from None  # answered 413, connection closed
-            if upload.stalled:
-                raise UploadStalled(f"the upload stopped arriving for {upload.idle_seconds:g} s "
-                                    "(server.body_idle_timeout)", status=408) from None
+            if upload.stalled is not None:
+                raise upload.stalled from None
             raise
 
     def upload_of() -> UploadStream:
