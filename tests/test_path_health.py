@@ -415,7 +415,7 @@ async def test_black_holed_pool_request_succeeds_via_hedge_and_silent_stream_end
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(long_stream)
-                with trio.fail_after(10):
+                with trio.fail_after(30):
                     await fake_upstream.wait_for_count("responses", 3)
                 async with stack.http() as other:
                     _, status, _ = await timed_turn(other)  # pools a second, idle connection

@@ -39,7 +39,7 @@ async def test_sse_turn_is_relayed_with_pooled_credentials(tmp_path, fake_upstre
             assert seen.headers["session-id"] == "sess-1"
             assert seen.headers["originator"] == "codex_exec"
             # live usage from the x-codex-* headers reaches the store (written in the background)
-            with trio.fail_after(5):
+            with trio.fail_after(20):
                 while (await stack.store.get(stack.accounts["acct-a"].id)).usage.primary is None:
                     await trio.sleep(0.01)
 
