@@ -245,8 +245,9 @@ async def test_sse_events_arrive_incrementally(fake_upstream: FakeUpstream) -> N
                     arrivals.append((event["type"], trio.current_time() - start))
     first, last = arrivals[0][1], arrivals[-1][1]
     assert arrivals[0][0] == "response.created"
-    assert last - first >= 0.05 * (len(arrivals) - 1) * 0.9  # spread out, not one buffered lump
-    assert first < last - first  # the first event did not wait for the rest
+    # Spread out, not one buffered lump (had the first event waited for the rest, they would
+    # all arrive together). Only a lower bound: a loaded machine stretches it, never shrinks it.
+    assert last - first >= 0.05 * (len(arrivals) - 1) * 0.9
 
 
 async def test_rate_limited_fault_answers_429_once(fake_upstream: FakeUpstream) -> None:
