@@ -86,11 +86,19 @@ async def test_401_once_refreshes_and_succeeds_on_same_account(tmp_path, fake_up
             assert fake_upstream.count("responses", "acct-a") == 2
 
 
+# No hedge in the fault tests below: on a loaded machine the headers can take longer than
+# hedge_after (2 s), and a hedge that wins would serve the turn from a request without the
+# fault (seen under stress: response.completed instead of response.failed).
+NO_HEDGE = {"hedge_after": 3600.0}
+
+
 async def test_stream_dying_midway_ends_with_response_failed(tmp_path, fake_upstream, chaos):
     with trio.fail_after(30):
-        async with open_stack(tmp_path, fake_upstream, chaos) as stack, stack.http() as http:
+        async with open_stack(tmp_path, fake_upstream, chaos,
+                              upstream=NO_HEDGE) as stack, stack.http() as http:
             fake_upstream.fault("acct-a", "responses", Fault.stop_midway(after_events=4, mode="close"))
             response, events = await post_turn(http)
+            assert fake_upstream.count("responses") == 1  # the faulted request, alone
             assert response.status_code == 200
             assert events[-1]["type"] == "response.failed"
             assert events[-1]["response"]["error"]["code"] in ("upstream_connection_lost", "upstream_error")
@@ -105,7 +113,8 @@ async def test_stream_dying_midway_ends_with_response_failed(tmp_path, fake_upst
 async def test_silent_stream_ends_instead_of_hanging(tmp_path, fake_upstream, chaos):
     with trio.fail_after(30):
         async with open_stack(tmp_path, fake_upstream, chaos,
-                              upstream={"stream_idle_timeout": 1.5}) as stack, stack.http() as http:
+                              upstream={"stream_idle_timeout": 1.5, **NO_HEDGE}
+                              ) as stack, stack.http() as http:
             fake_upstream.fault("acct-a", "responses", Fault.stop_midway(after_events=4, mode="silent"))
             started = trio.current_time()
             response, events = await post_turn(http)
