@@ -62,7 +62,7 @@ def create_app(
     policy = RequestPolicy.from_config(config)
     app.config["CSRF_TOKEN"] = policy.csrf_token
     app.asgi_app = FinishBodyFirst(app.asgi_app)  # type: ignore[method-assign]
-    app.config["BODY_READER"] = BodyReader(
+    app.config["BODY_READER"] = body_reader = BodyReader(
         max_bytes=config.server.max_body_bytes,
         large_bytes=config.server.large_body_bytes,
         large_slots=config.server.large_body_slots,
@@ -221,6 +221,7 @@ def create_app(
             pass  # the proxy handler is restarting: its lines come back with it
         if request_log is not None:
             text += request_log.metrics.render(request_log.pending)
+        text += body_reader.render_metrics()
         return Response(text, content_type="text/plain; version=0.0.4")
 
     register_surfaces(app, engine, config)

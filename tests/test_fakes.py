@@ -21,7 +21,7 @@ from actors.accounts import identity_from_id_token, token_expiry
 from tests.fakes.chaos import ChaosProxy
 from tests.fakes.upstream import CLIENT_ID, FakeAccount, FakeUpstream, Fault
 
-TIMEOUT = 10.0
+TIMEOUT = 30.0
 
 
 def backend_headers(account: FakeAccount) -> dict[str, str]:
@@ -245,8 +245,9 @@ async def test_sse_events_arrive_incrementally(fake_upstream: FakeUpstream) -> N
                     arrivals.append((event["type"], trio.current_time() - start))
     first, last = arrivals[0][1], arrivals[-1][1]
     assert arrivals[0][0] == "response.created"
-    assert last - first >= 0.05 * (len(arrivals) - 1) * 0.9  # spread out, not one buffered lump
-    assert first < last - first  # the first event did not wait for the rest
+    # Spread out, not one buffered lump (had the first event waited for the rest, they would
+    # all arrive together). Only a lower bound: a loaded machine stretches it, never shrinks it.
+    assert last - first >= 0.05 * (len(arrivals) - 1) * 0.9
 
 
 async def test_rate_limited_fault_answers_429_once(fake_upstream: FakeUpstream) -> None:
@@ -691,7 +692,8 @@ async def test_http_control_api(fake_upstream: FakeUpstream) -> None:
 
 
 async def test_aclose_stops_promptly_under_a_hung_stream() -> None:
-    fake = FakeUpstream()
+    # A long graceful timeout: only dropping the hung stream can make aclose prompt.
+    fake = FakeUpstream(graceful_timeout=60.0)
     account = fake.add_account()
     fake.fault("acct-a", "responses", Fault.stop_midway(after_events=1))
     with trio.fail_after(TIMEOUT):
@@ -708,6 +710,6 @@ async def test_aclose_stops_promptly_under_a_hung_stream() -> None:
             await fake.wait_for_count("responses")
             start = trio.current_time()
             await fake.aclose()
-            assert trio.current_time() - start < 0.5
+            assert trio.current_time() - start < 30.0  # not the 60 s graceful wait
     with pytest.raises(RuntimeError):
         _ = fake.port

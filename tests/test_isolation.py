@@ -30,7 +30,7 @@ async def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
     async with stream:
         await stream.send_all(head + body)
         chunks = []
-        with trio.move_on_after(10):
+        with trio.move_on_after(30):
             while chunk := await stream.receive_some(65536):
                 chunks.append(chunk)
                 if b"\r\n\r\n" in b"".join(chunks) and b"}" in chunk:
@@ -44,12 +44,10 @@ def post_head(port: int, path: str, body: bytes, extra: bytes) -> bytes:
             "connection: close\r\n").encode() + extra + b"\r\n"
 
 
-async def until(read, done, *, bound: float = 5.0) -> None:
+async def until(read, done, *, bound: float = 30.0) -> None:
     """Poll ``await read()`` until ``done(value)``, for at most ``bound`` seconds."""
     with trio.fail_after(bound):
-        for _ in range(int(bound / 0.02) + 1):
-            if done(await read()):
-                return
+        while not done(await read()):
             await trio.sleep(0.02)
 
 

@@ -522,16 +522,24 @@ async def test_browser_login_ignores_stray_requests_and_times_out(tmp_path: Path
         idle = await trio.open_tcp_stream("127.0.0.1", port)
         async with idle:
             statuses.append((await browser.get(f"{base}/")).status_code)
-            await trio.sleep(1.0)
+            # Hold the idle connection until the login gives up and its listener closes
+            # (a condition, not a sleep: a loaded machine may take longer than the timeout).
+            while True:
+                try:
+                    await browser.get(f"{base}/", headers={"connection": "close"})
+                except httpx.TransportError:
+                    break
+                await trio.sleep(0.05)
         return statuses
 
     with trio.fail_after(30):
         async with fake_and_store(tmp_path) as (fake, store):
             fake.add_account()
-            result, _, statuses = await _browser_login(fake, store, wander, login_timeout=0.5)
+            # 2 s for the two stray requests before the timeout (they are answered first).
+            result, _, statuses = await _browser_login(fake, store, wander, login_timeout=2.0)
             assert statuses == [404, 404]
             assert isinstance(result, LoginError)
-            assert str(result).startswith("login timed out after 0.5 s: no browser callback")
+            assert str(result).startswith("login timed out after 2 s: no browser callback")
             assert await store.list_accounts() == []
 
 

@@ -187,6 +187,10 @@ def test_real_route_flip_mid_traffic(tmp_path: Path) -> None:
                 "[upstream]\n"
                 f'base_url = "http://{SERVICE}:{port}/backend-api"\n'
                 f'auth_base_url = "http://{SERVICE}:{port}"\n'
+                # The recovery under test (address evidence) takes about a second; a long
+                # dead_path_silence keeps the fallbacks far away, so the bounds below separate
+                # the mechanisms by a wide margin on a loaded machine.
+                "dead_path_silence = 30.0\n"
                 "[client]\n"
                 "watch_interval = 1.0\n"  # the default
 
@@ -227,12 +231,14 @@ def test_real_route_flip_mid_traffic(tmp_path: Path) -> None:
         waiting = report["waiting"]
         assert waiting["status"] == 200, waiting
         assert waiting["terminal"] == "response.completed", waiting
-        assert waiting["ended"] - flip < 1.5 + 0.5, waiting  # cut, retried, answered
+        # Bounds against the fallbacks, not benchmarks (the figures are printed above): cut,
+        # retried and answered, not the 15 s header timeout or the 30 s dead-path silence.
+        assert waiting["ended"] - flip < 10.0, waiting  # cut, retried, answered
         stream = report["stream"]
         assert stream["terminal"] == "response.failed", stream
         assert stream["code"] == "upstream_connection_lost", stream
-        assert stream["ended"] - flip < 1.5, stream
-        assert max(r["ended"] - r["started"] for r in requests) < 4.0
+        assert stream["ended"] - flip < 10.0, stream
+        assert max(r["ended"] - r["started"] for r in requests) < 10.0
         proxy_log = "".join(proxy.err)
         assert "network change" in proxy_log or "closed host=backend" in proxy_log
 

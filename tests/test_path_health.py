@@ -415,7 +415,7 @@ async def test_black_holed_pool_request_succeeds_via_hedge_and_silent_stream_end
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(long_stream)
-                with trio.fail_after(10):
+                with trio.fail_after(30):
                     await fake_upstream.wait_for_count("responses", 3)
                 async with stack.http() as other:
                     _, status, _ = await timed_turn(other)  # pools a second, idle connection
@@ -428,11 +428,15 @@ async def test_black_holed_pool_request_succeeds_via_hedge_and_silent_stream_end
             request_took, status, events = results["request"]
             assert status == 200
             assert events[-1]["type"] == "response.completed"
-            assert request_took < 3.0, f"request took {request_took:.2f}s"
+            # The hedge answered, not the 15 s header timeout. hedge_after is 2 s or 3x the recent
+            # p99 header latency, which grows on a loaded machine: the bound only separates
+            # the two mechanisms.
+            assert request_took < 15.0, f"request took {request_took:.2f}s"
             _, status, stream_events = results["stream"]
             assert stream_events[-1]["type"] == "response.failed"
             assert stream_events[-1]["response"]["error"]["code"] == "upstream_connection_lost"
-            assert stream_ended - flipped < 6.0
+            # dead_path_silence (3 s) after the hedge's evidence, not the 240 s idle timeout.
+            assert stream_ended - flipped < 30.0
             stats = await stack.engine.clients.stats()
             assert stats.hedges.get("hedge_won", 0) >= 1
             assert stats.evidence.get("hedge") == 1  # generation 1 (closed since) was marked dead
@@ -536,7 +540,8 @@ async def test_address_evidence_ends_streams_and_retries_header_waits_on_real_so
             took, status, events = results["waiting"]
             assert status == 200  # retried
             assert events[-1]["type"] == "response.completed"
-            assert trio.current_time() - changed < 2.0
+            # retried at the address change, not after the 15 s header timeout
+            assert trio.current_time() - changed < 10.0
             stats = await stack.engine.clients.stats()
             assert stats.sockets_closed["address"] >= 2
             assert stats.rotations == {"network-change": 1}

@@ -321,8 +321,9 @@ async def test_silent_turn_ends_soon_after_its_path_is_proven_dead(tmp_path, fak
                 waited = trio.current_time() - started
                 assert frames[-1]["type"] == "response.failed"
                 assert "path died" in frames[-1]["response"]["error"]["message"]
-                # dead_path_silence (3 s), not the 240 s idle timeout.
-                assert waited < 3.0 + 2.0, waited
+                # dead_path_silence (3 s), not the 240 s idle timeout (the bound only separates
+                # the two; a loaded machine stretches the 3 s).
+                assert waited < 20.0, waited
                 assert (await ws_turn(ws))[-1]["type"] == "response.completed"
 
 
