@@ -33,6 +33,7 @@ account import, timed turns, percentiles.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import math
 import os
@@ -315,12 +316,23 @@ def proxy_command(config: Path, profile: str | None, profile_out: Path) -> list[
     return [sys.executable, *serve]
 
 
+def ensure_bytecode() -> None:
+    """Compile the project's modules to __pycache__ first, as installing the package does.
+
+    Without it, a checkout run with PYTHONDONTWRITEBYTECODE=1 (as some CI and sandboxes set)
+    compiles ~30 modules from source at every start: ~0.3 s of "ready" that users never pay.
+    """
+    for package in ("actors", "service", "bench"):
+        compileall.compile_dir(str(ROOT / package), quiet=2)
+
+
 @asynccontextmanager
 async def run_proxy_process(
     fake: RemoteFake, *, upstream_port: int | None = None, profile: str | None = None,
     profile_out: Path | None = None, bare: bool = False,
 ) -> AsyncIterator[ProxyProcess]:
     """Start the proxy as a subprocess on port 0; SIGTERM it (then wait) on the way out."""
+    ensure_bytecode()
     with tempfile.TemporaryDirectory(prefix="codex-lb-bench-") as tmp:
         home = Path(tmp)
         config = write_proxy_config(home, fake, upstream_port=upstream_port)
