@@ -913,6 +913,40 @@ def print_collapsed(path: Path, top: int = 25) -> None:
     print("inclusive")
     for frame, count in inclusive.most_common(top * 2):
         print(f"  {count / total * 100:5.1f}%  {frame}")
+    print_own_vs_stack(path)
+
+
+IDLE_LEAVES = ("EpollIOManager.get_events", "WorkerThread._work")  # waiting, not working
+
+
+def print_own_vs_stack(path: Path) -> None:
+    """Busy samples (not waiting in epoll or in an idle worker thread) by the package of the
+    frame that was running: ours (actors/, service/) against the stack's."""
+    import re
+
+    by_package: Counter[str] = Counter()
+    idle = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        if leaf.startswith(IDLE_LEAVES):
+            idle += int(count)
+            continue
+        if leaf.startswith("_SocketType._nonblocking_helper"):  # the send()/recv() itself
+            by_package["kernel: socket calls (in trio's _nonblocking_helper)"] += int(count)
+            continue
+        where = leaf.rpartition(" (")[2]
+        ours = re.match(r"(actors|service|bench)/", where)
+        site = re.match(r"([A-Za-z_][\w]*)/", where)
+        by_package["ours: " + ours.group(1) if ours
+                   else site.group(1) if site else "other (stdlib, generated code)"] += int(count)
+    busy = sum(by_package.values()) or 1
+    own_share = sum(c for name, c in by_package.items() if name.startswith("ours")) / busy
+    print(f"busy samples ({busy}; {idle} more waited in epoll or an idle worker thread), by "
+          f"the running frame's package: ours {own_share * 100:.1f}%, the stack "
+          f"{(1 - own_share) * 100:.1f}%")
+    for name, count in by_package.most_common(12):
+        print(f"  {count / busy * 100:5.1f}%  {name}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
