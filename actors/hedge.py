@@ -99,21 +99,27 @@ class Hedge:
             settled.set()
             scope.cancel()
 
-        sent_at = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            running["count"] += 1
-            nursery.start_soon(attempt, "original", original, nursery.cancel_scope)
+        async def start_hedge(scope: trio.CancelScope) -> None:
             with trio.move_on_after(original.hedge_after):
                 await settled.wait()
-            if not settled.is_set():
-                hedge_lease = await self._hedge_lease_for(original)
-                if hedge_lease is not None and not settled.is_set():
-                    hedge_generation.append(hedge_lease.generation)
-                    log.info("hedge host=%s generation=%d->%d after %.1fs without headers",
-                             original.settings.host, original.generation,
-                             hedge_lease.generation, original.hedge_after)
-                    running["count"] += 1
-                    nursery.start_soon(attempt, "hedge", hedge_lease, nursery.cancel_scope)
+            if settled.is_set():
+                return
+            hedge_lease = await self._hedge_lease_for(original)
+            if hedge_lease is not None and not settled.is_set():
+                hedge_generation.append(hedge_lease.generation)
+                log.info("hedge host=%s generation=%d->%d after %.1fs without headers",
+                         original.settings.host, original.generation,
+                         hedge_lease.generation, original.hedge_after)
+                running["count"] += 1
+                await attempt("hedge", hedge_lease, scope)
+
+        sent_at = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            # The original goes out from this task at once (no task to start first); the
+            # hedge's timer runs beside it.
+            running["count"] += 1
+            nursery.start_soon(start_hedge, nursery.cancel_scope)
+            await attempt("original", original, nursery.cancel_scope)
             await settled.wait()
             nursery.cancel_scope.cancel()
         if hedge_generation:

@@ -39,7 +39,7 @@ import trio_websocket
 
 from actors import balancer
 from actors import proxy_websocket as ws
-from actors.accounts import AccountStore, StoreFailure, Usage
+from actors.accounts import Account, AccountStatus, AccountStore, StoreFailure, Usage
 from actors.client_manager import ClientHandle, Lease
 from actors.errors import (
     ActorUnavailable,
@@ -101,6 +101,7 @@ MAX_ERROR_BODY = 1024 * 1024
 PREAMBLE_TYPES = frozenset({"response.created", "response.in_progress"})
 NEEDS_JSON = frozenset({"codex.rate_limits", *TERMINAL_EVENT_TYPES})  # all others pass unread
 DRAIN_AFTER_TERMINAL = 5.0  # seconds to read (and drop) what follows a terminal event
+TOKEN_REUSE = 60.0  # seconds a token the refresher answered is reused without asking again
 RESPONSE_HEADER_DROP = frozenset(
     {"content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive",
      "set-cookie", "date", "server", "alt-svc", "strict-transport-security"}
@@ -115,6 +116,7 @@ class ProxySettings:
     max_attempts: int = 4
     default_cooldown: float = 60.0
     sticky: bool = True
+    token_margin: float = 600.0  # the refresher's: a token this close to expiry is due
 
     @classmethod
     def from_config(cls, config: Any) -> ProxySettings:
@@ -125,6 +127,7 @@ class ProxySettings:
             max_attempts=config.routing.max_attempts,
             default_cooldown=config.routing.default_cooldown,
             sticky=config.routing.sticky,
+            token_margin=config.refresh.token_margin,
         )
 
 
@@ -194,6 +197,8 @@ class _Attempt:
     # The access token each account's last attempt sent: a 401 names it as the stale one.
     used_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     stats: RequestStats | None = None  # what the request log will get
+    # The store's view of each account when it was picked (to check a reused token against).
+    listed: dict[str, Account] = field(default_factory=dict, repr=False)
 
 
 class _Failover(Exception):
@@ -259,6 +264,8 @@ class ProxyHandler:
         # Faults caught at a request task's boundary, by kind (see FAULT_KINDS).
         self.faults: Counter[str] = Counter({kind: 0 for kind in FAULT_KINDS})
         self.usage = UsageWriter(store, merge_usage)
+        # Tokens the refresher answered, reused until (wall clock) the time beside them.
+        self._token_reuse: dict[str, tuple[FreshTokens, float]] = {}
 
     def close(self) -> None:
         """The actor is gone for good: queued and later requests fail at once."""
@@ -442,6 +449,7 @@ class ProxyHandler:
             raise ActorUnavailable(f"no usable account: {exc}") from None
         if self.settings.sticky and request.sticky_key:
             self._sticky.set(request.sticky_key, choice.account.id)
+        attempt.listed[choice.account.id] = choice.account
         return choice.account.id
 
     async def _attempt(
@@ -499,15 +507,55 @@ class ProxyHandler:
 
     async def _fresh_tokens(self, account_id: str, attempt: _Attempt) -> FreshTokens:
         """The account's tokens, or fail over: whatever went wrong (a dead login, an account
-        removed meanwhile, a refresher that is restarting) is this account's problem only."""
+        removed meanwhile, a refresher that is restarting) is this account's problem only.
+
+        A token the refresher answered is reused for a while without asking it again (one
+        actor round trip less on the way to the upstream), see ``_reusable``.
+        """
+        fresh = self._reusable(account_id, attempt.listed.get(account_id))
+        if fresh is not None:
+            attempt.used_tokens[account_id] = fresh.tokens.access_token
+            return fresh
         try:
             fresh = await self._tokens.ensure_fresh(account_id)
         except CodexLBError as exc:
+            self._token_reuse.pop(account_id, None)
             attempt.tried.add(account_id)
             attempt.last_error = exc
             log.info("proxy account=%s no usable token (%s): failing over", account_id, exc.message)
             raise _Failover from None
         attempt.used_tokens[account_id] = fresh.tokens.access_token
+        self._remember_tokens(fresh)
+        return fresh
+
+    def _remember_tokens(self, fresh: FreshTokens) -> None:
+        now = self._wall_clock()
+        until = now + TOKEN_REUSE
+        expires = fresh.account.access_expires_at
+        if expires is not None:
+            until = min(until, expires - self.settings.token_margin)
+        if until > now:
+            self._token_reuse[fresh.account.id] = (fresh, until)
+        else:
+            self._token_reuse.pop(fresh.account.id, None)
+
+    def _reusable(self, account_id: str, listed: Account | None) -> FreshTokens | None:
+        """The tokens the refresher last answered for the account, if they may be sent again.
+
+        Only while they are not yet due for a refresh (``token_margin`` before expiry) and at
+        most TOKEN_REUSE seconds; only if the store (as listed when the account was picked)
+        holds no newer triple (a login or a refresh saved since) and the account may be used.
+        A 401 or a refresher failure forgets them: the next attempt asks the refresher.
+        """
+        entry = self._token_reuse.get(account_id)
+        if entry is None or listed is None:
+            return None
+        fresh, until = entry
+        if (self._wall_clock() >= until
+                or listed.token_version > fresh.account.token_version
+                or listed.status in (AccountStatus.REAUTH_REQUIRED, AccountStatus.DEACTIVATED)):
+            del self._token_reuse[account_id]
+            return None
         return fresh
 
     async def _on_transport(
@@ -563,6 +611,7 @@ class ProxyHandler:
             log.info("proxy account=%s error=%s cooling_down_for=%.0fs: failing over",
                      account_id, code, until - now)
         elif kind == "auth":
+            self._token_reuse.pop(account_id, None)
             attempt.last_error = AuthExpired(message, status=401, code=code)
             if account_id in attempt.refreshed:
                 attempt.tried.add(account_id)
@@ -579,6 +628,7 @@ class ProxyHandler:
                     attempt.tried.add(account_id)
                     attempt.last_error = exc
         elif kind == "permanent_auth":
+            self._token_reuse.pop(account_id, None)
             attempt.tried.add(account_id)
             attempt.last_error = PermanentAuth(message, status=status, code=code)
         else:  # server

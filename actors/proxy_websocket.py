@@ -10,6 +10,7 @@ one frame, so the client never notices.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -135,6 +136,12 @@ def handshake_extra(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return extra
 
 
+@functools.cache
+def _system_tls_context() -> ssl.SSLContext:
+    """The system's CAs, loaded once for every upstream socket (not once per connection)."""
+    return ssl.create_default_context()
+
+
 @asynccontextmanager
 async def open_upstream_websocket(
     url: str, extra_headers: list[tuple[bytes, bytes]], *, connect_timeout: float,
@@ -155,7 +162,7 @@ async def open_upstream_websocket(
     with trio.fail_after(connect_timeout):
         if secure:
             stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                host, port, ssl_context=ssl.create_default_context())
+                host, port, ssl_context=_system_tls_context())
             tcp = stream.transport_stream  # type: ignore[attr-defined]
         else:
             stream = tcp = await trio.open_tcp_stream(host, port)

@@ -265,11 +265,14 @@ class SessionRelay:
     async def _loop(self) -> None:
         try:
             while True:
-                with trio.move_on_at(self._deadline()) as timer:
-                    event = await self._events.receive()
-                if timer.cancelled_caught:
-                    await self._turn_went_silent()
-                    continue
+                try:  # a frame already queued needs no timer (a cancel scope per frame)
+                    event = self._events.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_at(self._deadline()) as timer:
+                        event = await self._events.receive()
+                    if timer.cancelled_caught:
+                        await self._turn_went_silent()
+                        continue
                 match event:
                     case ClientGone():
                         return

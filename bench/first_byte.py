@@ -83,7 +83,9 @@ def serve_with_stamps(argv: list[str]) -> None:
     stamp_async(surfaces, "json_body_and_text", "body")
     stamp_async(proxy_handler.ProxyHandle, "forward", "forward")
     stamp_async(proxy_handler.ProxyHandler, "_pick", "pick")
-    stamp_async(token_refresher.TokenHandle, "ensure_fresh", "tokens")
+    stamp_async(proxy_handler.ProxyHandler, "_fresh_tokens", "tokens")  # reused or asked
+    stamp_async(token_refresher.TokenHandle, "ensure_fresh", "refresher")  # asked
+    stamp_async(client_manager.ClientHandle, "acquire", "lease")
     stamp_async(client_manager.Lease, "send", "upstream")
     commit = proxy_handler.ProxyHandler._commit
 

@@ -240,6 +240,51 @@ async def test_token_refresher_unavailable_fails_over_then_answers_503(autojump_
         assert (await r.proxy.stats())["counters"]["failovers"] >= 2
 
 
+class CountingTokens:
+    """A TokenHandle that counts the calls that reach the refresher."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    async def ensure_fresh(self, account_id, **kwargs):
+        self.calls.append((account_id, kwargs.get("force", False)))
+        return await self.inner.ensure_fresh(account_id, **kwargs)
+
+
+async def test_a_fresh_token_is_reused_without_asking_the_refresher(autojump_clock):
+    async with rig([make_account(1)]) as r:
+        r.handler._tokens = counting = CountingTokens(r.handler._tokens)
+        for index in range(3):
+            events = await events_of(r.proxy, turn(headers=(("session-id", f"s{index}"),)))
+            assert events[-1]["type"] == "response.completed"
+        assert counting.calls == [("acc_1", False)]
+        await trio.sleep(61)  # past TOKEN_REUSE: asked again
+        assert (await events_of(r.proxy, turn()))[-1]["type"] == "response.completed"
+        assert counting.calls == [("acc_1", False)] * 2
+
+
+async def test_a_token_saved_since_is_sent_not_the_reused_one(autojump_clock):
+    async with rig([make_account(1)]) as r:
+        r.handler._tokens = counting = CountingTokens(r.handler._tokens)
+        assert (await events_of(r.proxy, turn()))[-1]["type"] == "response.completed"
+        await r.tokens.ensure_fresh("acc_1", force=True)  # rotates: the old access token dies
+        served = len(r.upstream.responses)
+        assert (await events_of(r.proxy, turn()))[-1]["type"] == "response.completed"
+        assert len(r.upstream.responses) == served + 1  # no 401 and retry: the new token went
+        assert counting.calls == [("acc_1", False)] * 2
+
+
+async def test_a_401_on_a_reused_token_refreshes_and_retries(autojump_clock):
+    async with rig([make_account(1)]) as r:
+        r.handler._tokens = counting = CountingTokens(r.handler._tokens)
+        assert (await events_of(r.proxy, turn()))[-1]["type"] == "response.completed"
+        r.upstream.access.clear()  # the upstream revoked the token; the store does not know
+        assert (await events_of(r.proxy, turn()))[-1]["type"] == "response.completed"
+        assert counting.calls == [("acc_1", False), ("acc_1", True), ("acc_1", False)]
+        assert (await events_of(r.proxy, turn()))[-1]["type"] == "response.completed"
+        assert len(counting.calls) == 3  # the refreshed token is reused in turn
+
+
 # --- 9: usage off the hot path ------------------------------------------------------------
 
 
