@@ -520,7 +520,7 @@ class ProxyHandler:
             attempt.retry_same = account_id  # not held against the account
             new = await self._clients.rotate(
                 seen_generation=lease.generation, reason=RotationReason.TRANSPORT,
-                path_dead=exc.path_dead,
+                path_dead=exc.path_dead, phase=exc.phase,
             )
             log.info("proxy account=%s error=transport (%s) rotated generation=%d->%d retry=same",
                      account_id, exc.message, lease.generation, new)

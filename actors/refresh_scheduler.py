@@ -617,7 +617,7 @@ class RefreshScheduler:
         attempt.rotated = True
         new = await self._clients.rotate(
             seen_generation=err.generation, reason=RotationReason.TRANSPORT,
-            path_dead=err.path_dead,
+            path_dead=err.path_dead, phase=err.phase,
         )
         attempt.notes += ["error=transport", f"step={attempt.step}", "rotated",
                           f"generation={err.generation}->{new}"]
