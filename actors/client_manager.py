@@ -456,6 +456,7 @@ class ClientHandle:
         seen_generation: int | None = None,
         reason: RotationReason = RotationReason.ADMIN,
         path_dead: bool | None = None,
+        phase: Phase | None = None,
     ) -> int:
         """Replace the client if ``seen_generation`` is still current; returns the current one.
 
@@ -465,12 +466,17 @@ class ClientHandle:
         answers); ``wake`` marks every older generation dead, coalesced or not; ``hedge``
         rotates only from a current generation that has answered before; ``path_dead``
         (default: true for network-change and wake) marks the older generations dead at
-        once, for callers that know without corroboration.
+        once, for callers that know without corroboration. ``phase`` is where the transport
+        failure struck: one while connecting (``Phase.CONNECT``) rotates but makes nothing
+        suspect (every generation connects over the same route; a new socket that failed
+        says nothing about the sockets ``seen_generation`` has open).
         """
         dead = reason in DEAD_PATH_REASONS if path_dead is None else path_dead
+        evidence = phase is not Phase.CONNECT
         result: int = await call(
             self._inbox,
-            lambda r: Rotate(seen_generation=seen_generation, reason=reason, path_dead=dead, reply=r),
+            lambda r: Rotate(seen_generation=seen_generation, reason=reason, path_dead=dead,
+                             evidence=evidence, reply=r),
             actor="client manager",
             timeout=self._call_timeout,
         )
@@ -613,7 +619,7 @@ class ClientManager:
             return
         if seen is not None and seen != current.number:
             # Someone already rotated past it; the evidence still counts for ``seen``.
-            if reason is RotationReason.TRANSPORT:
+            if reason is RotationReason.TRANSPORT and message.evidence:
                 self._suspect(seen, "a transport failure (stale rotation)")
             answer(message.reply, current.number)
             return
@@ -626,7 +632,8 @@ class ClientManager:
         fresh = self._current
         assert fresh is not None
         if reason is RotationReason.TRANSPORT and seen is not None:
-            self._suspect(seen, "a transport failure")
+            if message.evidence:
+                self._suspect(seen, "a transport failure")
         elif reason is RotationReason.WAKE or (
             message.path_dead and reason is not RotationReason.TRANSPORT
         ):

@@ -101,6 +101,9 @@ class Rotate:
     reason: RotationReason
     path_dead: bool
     reply: trio.MemorySendChannel[Any]
+    # False for a failure while connecting: a socket that never existed says nothing about
+    # the path of the generation's open ones, so it makes the generation no suspect.
+    evidence: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

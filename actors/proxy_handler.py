@@ -568,7 +568,7 @@ class ProxyHandler:
             attempt.retry_same = account_id  # not held against the account
             new = await self._clients.rotate(
                 seen_generation=lease.generation, reason=RotationReason.TRANSPORT,
-                path_dead=exc.path_dead,
+                path_dead=exc.path_dead, phase=exc.phase,
             )
             log.info("proxy account=%s error=transport (%s) rotated generation=%d->%d retry=same",
                      account_id, exc.message, lease.generation, new)
@@ -873,8 +873,8 @@ class ProxyHandler:
         """
         out_send, out_recv = trio.open_memory_channel[bytes](CHUNK_BUFFER)
         with out_send:
-            sink = _StreamRelay(self, account_id, out_send,
-                                commit=lambda: self._commit(reply, headers, account_id, out_recv))
+            sink = _StreamRelay(self, account_id, out_send, commit=lambda: self._commit(
+                reply, headers, account_id, out_recv, on_close=sink.client_left))
             errors: list[CodexLBError] = []
             with sink.stop:
                 try:
@@ -927,12 +927,13 @@ class ProxyHandler:
 
     def _commit(
         self, reply: trio.MemorySendChannel[Any], headers: dict[str, str], account_id: str,
-        chunks_recv: trio.MemoryReceiveChannel[bytes],
+        chunks_recv: trio.MemoryReceiveChannel[bytes], *, on_close: Callable[[], None],
     ) -> None:
         self.counters["streams"] += 1
+        events = EventStream(chunks_recv, on_close=on_close)
         if not answer(reply, Exchange(status=200, headers=headers, account_id=account_id,
-                                      events=EventStream(chunks_recv))):
-            chunks_recv.close()  # the caller gave up before we answered
+                                      events=events)):
+            events.close()  # the caller gave up before we answered
 
 
 @dataclass(slots=True)
@@ -980,6 +981,13 @@ class _StreamRelay:
     def commit_now(self) -> None:
         self.committed = True
         self._commit()
+
+    def client_left(self) -> None:
+        """The client closed its stream: stop now, not when the next upstream chunk comes
+        (under a silent upstream that would be the idle timeout, lease held all along)."""
+        if self.outcome.terminal is None:  # after it, the drain keeps the connection
+            self.client_gone = True
+            self._stop.cancel()
 
     async def send_held(self) -> None:
         held, self.held = b"".join(self.held), []
@@ -1084,22 +1092,28 @@ class EventStream:
 
     ``chunks`` is what a pass-through route writes out unchanged. Iterating the stream
     itself parses it into SSEEvents, for the routes that translate events. Close it (or
-    use it as a context manager) when done.
+    use it as a context manager) when done: closing tells the relay at once that the
+    client is gone (``on_close``), so the request ends even while the upstream is silent.
     """
 
-    __slots__ = ("chunks",)
+    __slots__ = ("_on_close", "chunks")
 
-    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes]) -> None:
+    def __init__(self, chunks: trio.MemoryReceiveChannel[bytes], *,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.chunks = chunks
+        self._on_close = on_close
 
     def close(self) -> None:
         self.chunks.close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     def __enter__(self) -> EventStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.chunks.close()
+        self.close()
 
     def __aiter__(self) -> _ParsedEvents:
         return _ParsedEvents(self.chunks)

@@ -35,7 +35,14 @@ from typing import Any, TypeVar, assert_never
 
 import trio
 
-from actors.accounts import Account, AccountNotFound, AccountStatus, AccountStore, Usage
+from actors.accounts import (
+    Account,
+    AccountNotFound,
+    AccountStatus,
+    AccountStore,
+    StoreFailure,
+    Usage,
+)
 from actors.client_manager import ClientHandle
 from actors.errors import (
     ActorUnavailable,
@@ -545,6 +552,10 @@ class RefreshScheduler:
                     log.info("usage poll account=%s cooldown cleared: %s", account.id, reason)
             except AccountNotFound:
                 pass  # removed while we asked
+            except StoreFailure as exc:  # this account's reading is lost, not the sweep's
+                log.warning("usage poll account=%s not saved: %s", account.id, exc)
+                outcome.errors.append({"step": "usage", "account": account.id,
+                                       "error": "store"})
         finally:
             self._usage_limiter.release_on_behalf_of(borrower)
 
@@ -606,7 +617,7 @@ class RefreshScheduler:
         attempt.rotated = True
         new = await self._clients.rotate(
             seen_generation=err.generation, reason=RotationReason.TRANSPORT,
-            path_dead=err.path_dead,
+            path_dead=err.path_dead, phase=err.phase,
         )
         attempt.notes += ["error=transport", f"step={attempt.step}", "rotated",
                           f"generation={err.generation}->{new}"]

@@ -402,8 +402,9 @@ class TokenRefresher:
                         raise
                     seen, path_dead = lease.generation, exc.path_dead
             rotated = True
-            new = await self._clients.rotate(
-                seen_generation=seen, reason=RotationReason.TRANSPORT, path_dead=path_dead
+            new = await self._clients.rotate(  # only a failed connect gets here
+                seen_generation=seen, reason=RotationReason.TRANSPORT, path_dead=path_dead,
+                phase=Phase.CONNECT,
             )
             log.info("token refresh account=%s error=transport rotated generation=%d->%d",
                      account.id, seen, new)

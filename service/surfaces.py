@@ -92,10 +92,11 @@ def checked_headers(items: Any) -> tuple[tuple[str, str], ...]:
 def sse_response(exchange: Exchange) -> Response:
     """Relay an exchange's stream byte for byte: each chunk as it comes, one write each."""
     assert exchange.events is not None
-    chunks = exchange.events.chunks
+    events = exchange.events
+    chunks = events.chunks
 
     async def body() -> AsyncIterator[bytes]:
-        with chunks:
+        with events:  # closing it ends the upstream exchange at once (a client that left)
             async for chunk in chunks:
                 yield _with_waiting(chunk, chunks)
 

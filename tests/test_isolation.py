@@ -8,7 +8,9 @@ upstream behind the chaos proxy); actor-level ones in-process under the autojump
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 
+import httpx
 import pytest
 import trio
 
@@ -217,6 +219,69 @@ async def test_unclean_close_after_completed_over_real_sockets(tmp_path, fake_up
                 events = await read_sse(response)
             assert events[-1]["type"] == "response.completed"
             assert sum(e["type"] in TERMINAL_EVENT_TYPES for e in events) == 1
+
+
+# --- a client that leaves ends its request ------------------------------------------------
+
+
+def _silent_after_two_events(closed: list[float]) -> Upstream:
+    """An upstream whose stream sends two events and then nothing, ever."""
+    upstream = Upstream()
+
+    async def body():
+        try:
+            yield b'event: response.created\ndata: {"type":"response.created"}\n\n'
+            yield (b'event: response.output_text.delta\n'
+                   b'data: {"type":"response.output_text.delta","delta":"hi"}\n\n')
+            await trio.sleep_forever()
+        finally:
+            closed.append(trio.current_time())
+
+    async def silent_stream(request):
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    upstream.before["responses"] = [silent_stream]
+    return upstream
+
+
+async def test_a_client_leaving_a_silent_stream_ends_the_request_at_once(autojump_clock):
+    # The relay used to notice a departed client only when the next upstream chunk came:
+    # under a silent upstream that was the 240 s idle timeout, holding the lease (and the
+    # upstream connection) all that time.
+    closed: list[float] = []
+    async with rig([make_account(1)], upstream=_silent_after_two_events(closed)) as r:
+        exchange = await r.proxy.forward(turn())
+        assert exchange.events is not None
+        with exchange.events:
+            async for event in exchange.events:
+                if event.event == "response.output_text.delta":
+                    break
+        left_at = trio.current_time()
+        await trio.sleep(1)
+        assert closed and closed[0] - left_at < 1  # the upstream response was closed
+        assert sum((await r.clients.stats()).leases.values()) == 0
+        assert (await r.proxy.stats())["counters"]["client_disconnects"] == 1
+
+
+# httpx's chain of body iterators is collected unfinished when a stream stops early, though
+# the response itself is closed (as in tests/test_simulation.py).
+@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+async def test_a_client_leaving_a_silent_stream_over_real_sockets(tmp_path, fake_upstream, chaos):
+    with trio.fail_after(60):  # a hang guard; the idle timeout (240 s) is far beyond it
+        async with open_stack(tmp_path, fake_upstream, chaos) as stack, stack.http() as http:
+            fake_upstream.fault("acct-a", "responses", Fault.stop_midway(after_events=3))
+            async with http.stream("POST", "/backend-api/codex/responses", json=CODEX_BODY,
+                                   headers=CODEX_HEADERS) as response:
+                assert response.status_code == 200
+                async with aclosing(response.aiter_lines()) as lines:
+                    async for line in lines:
+                        if line.startswith("data:"):
+                            break  # an event came; the upstream goes silent now
+            # The client has hung up; the engine lets the upstream exchange go.
+            await until(stack.engine.proxy.stats,
+                        lambda s: s["counters"].get("client_disconnects") == 1, bound=30)
+            await until(stack.engine.clients.stats, lambda s: not any(s.leases.values()),
+                        bound=30)
 
 
 # --- 6: any ensure_fresh failure fails over ------------------------------------------------

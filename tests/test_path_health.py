@@ -121,6 +121,38 @@ async def test_slow_fresh_connection_marks_nothing_and_rotates_no_more(autojump_
         await clients.shutdown()
 
 
+async def refuse(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+async def test_a_refused_connect_rotates_but_marks_no_open_stream_dead(autojump_clock):
+    # A new socket that failed to connect says nothing about the sockets generation N has
+    # open: every generation connects over the same route. Taking it as evidence marked N
+    # dead once N+1 answered, and cut N's healthy slow streams to 3 s of silence (the sim
+    # found a request failed over and answered after 119 s).
+    factory = PerGeneration()
+    async with trio.open_nursery() as nursery:
+        clients = await start(nursery, factory)
+        streaming = await clients.acquire()  # a slow stream in flight on generation 1
+        async with clients.lease() as lease:
+            factory.handlers[1] = refuse
+            with pytest.raises(TransportError) as info:
+                await get(lease)
+            err = info.value
+            assert await clients.rotate(seen_generation=1, reason=RotationReason.TRANSPORT,
+                                        path_dead=err.path_dead, phase=err.phase) == 2
+        async with clients.lease() as fresh:
+            assert (await get(fresh)).status_code == 200
+        await settle()
+        assert not streaming.path_dead.is_set()
+        assert streaming.idle_timeout() == ClientSettings().stream_idle_timeout
+        stats = await clients.stats()
+        assert stats.dead == ()
+        assert stats.rotations == {"transport": 1}
+        streaming.release()
+        await clients.shutdown()
+
+
 async def test_stale_rotation_still_carries_its_evidence(autojump_clock):
     factory = PerGeneration()
     async with trio.open_nursery() as nursery:

@@ -23,6 +23,7 @@ from actors.accounts import (
     Account,
     AccountStatus,
     InMemoryAccountStore,
+    StoreFailure,
     TokenSet,
     Usage,
     UsageWindow,
@@ -439,6 +440,30 @@ async def test_usage_sweep_spends_one_rotation_and_is_bounded_and_spaced(autojum
     assert report["rotations"] == 1
     assert report["usage_updated"] == 4
     assert [(e["account"], e["error"]) for e in report["errors"]] == [("acc_2", "transport")]
+
+
+async def test_a_store_failure_loses_one_accounts_reading_not_the_sweep(autojump_clock, caplog):
+    # A failing write for one account used to escape the sweep's nursery and cancel the
+    # polls of every other account (and the sweep's report).
+    upstream = Upstream()
+    accounts = [upstream.account(n) for n in range(1, 4)]
+    async with rig(upstream, accounts, usage_spacing=0.5) as r:
+        save = r.store.set_usage
+
+        async def flaky_set_usage(account_id: str, usage: Usage) -> Any:
+            if account_id == "acc_1":
+                raise StoreFailure("store.db: disk I/O error (set_usage)")
+            await trio.sleep(1)  # the others are still polling when acc_1's write fails
+            return await save(account_id, usage)
+
+        r.store.set_usage = flaky_set_usage  # type: ignore[method-assign]
+        report = await r.scheduler.refresh_now()
+        assert report["usage_updated"] == 2
+        assert [(e["account"], e["error"]) for e in report["errors"]] == [("acc_1", "store")]
+        for account_id in ("acc_2", "acc_3"):
+            assert (await r.store.get(account_id)).usage.primary is not None
+        assert (await r.store.get("acc_1")).usage.primary is None
+    assert "usage poll account=acc_1 not saved: store.db: disk I/O error" in caplog.text
 
 
 async def test_updates_and_logs_never_carry_tokens(autojump_clock, caplog):

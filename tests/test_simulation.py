@@ -25,10 +25,12 @@ from tests.sim.schedule import (
     REFRESH_SLOW,
     RESET_AFTER_COMPLETED,
     STATUS_429,
+    UPGRADE_REFUSED,
     AccountPlan,
     Fault,
     RequestPlan,
     Schedule,
+    SessionPlan,
     StoreFault,
     WorldEvent,
     schedules,
@@ -96,6 +98,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning"
 @example(schedule=Schedule(accounts=(AccountPlan(expires_in=120.0),),
                            requests=(RequestPlan(at=0.0, bad_header=True),),
                            refreshes=(Fault(REFRESH_RESET), Fault(REFRESH_CONNECT_ERROR))))
+# A refused WebSocket connect made generation 1 suspect; the next answer on generation 2
+# marked it dead and cut a healthy slow stream on it (answered after 119 s, bound 110 s).
+@example(schedule=Schedule(accounts=(AccountPlan(7200.0), AccountPlan(7200.0)),
+                           requests=(RequestPlan(at=0.0, event_delay=20.0),),
+                           sessions=(SessionPlan(at=3.0, upgrades=(UPGRADE_REFUSED,)),)))
 def test_no_fault_schedule_breaks_an_invariant(schedule: Schedule) -> None:
     world = simulate(schedule)
     assert not world.violations, describe(world)
