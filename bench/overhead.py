@@ -344,32 +344,41 @@ async def run_proxy_process(
             command = [sys.executable, str(ROOT / "bench" / "bare_relay.py"),
                        "--upstream", fake.base_url_for(port)]
         spawned = time.perf_counter()
-        process = await trio.lowlevel.open_process(
-            command, cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        listening: trio.MemorySendChannel[str]
-        listening, listening_recv = trio.open_memory_channel[str](1)
-        log: list[str] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_stderr, process, log, listening)
-                try:
-                    with trio.fail_after(START_TIMEOUT):
-                        url = await listening_recv.receive()
-                except (trio.TooSlowError, trio.EndOfChannel):
-                    raise RuntimeError("the proxy did not start:\n" + "".join(log)) from None
-                proxy = ProxyProcess(process=process, url=url, home=home, log=log)
-                async with client(url) as probe:
-                    while (await probe.get("/health")).status_code != 200:  # noqa: ASYNC110
-                        await trio.sleep(0.005)
-                proxy.ready_seconds = time.perf_counter() - spawned
-                try:
-                    yield proxy
-                finally:
-                    await _stop(process)
-        finally:
-            await _stop(process)
+        async with _listening_process(command, env, "the proxy") as (process, url, log):
+            proxy = ProxyProcess(process=process, url=url, home=home, log=log)
+            async with client(url) as probe:
+                while (await probe.get("/health")).status_code != 200:  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+            proxy.ready_seconds = time.perf_counter() - spawned
+            yield proxy
+
+
+@asynccontextmanager
+async def _listening_process(
+    command: list[str], env: dict[str, str], what: str
+) -> AsyncIterator[tuple[trio.Process, str, list[str]]]:
+    """Start a server subprocess, wait for its "listening on URL" line; stop it on the way out."""
+    process = await trio.lowlevel.open_process(
+        command, cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    listening: trio.MemorySendChannel[str]
+    listening, listening_recv = trio.open_memory_channel[str](1)
+    log: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_stderr, process, log, listening)
+            try:
+                with trio.fail_after(START_TIMEOUT):
+                    url = await listening_recv.receive()
+            except (trio.TooSlowError, trio.EndOfChannel):
+                raise RuntimeError(f"{what} did not start:\n" + "".join(log)) from None
+            try:
+                yield process, url, log
+            finally:
+                await _stop(process)
+    finally:
+        await _stop(process)
 
 
 async def _read_stderr(process: trio.Process, log: list[str],
@@ -509,29 +518,14 @@ async def run_fake(where: str = "process") -> AsyncIterator[RemoteFake]:
 @asynccontextmanager
 async def run_fake_process() -> AsyncIterator[RemoteFake]:
     """Start bench/fake_server.py; SIGTERM it on the way out."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, str(ROOT / "bench" / "fake_server.py")], cwd=str(ROOT),
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    listening, listening_recv = trio.open_memory_channel[str](1)
-    log: list[str] = []
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_stderr, process, log, listening)
-            try:
-                with trio.fail_after(START_TIMEOUT):
-                    url = await listening_recv.receive()
-            except (trio.TooSlowError, trio.EndOfChannel):
-                raise RuntimeError("the fake upstream did not start:\n" + "".join(log)) from None
-            fake = RemoteFake(process, int(url.rsplit(":", 1)[1]))
-            try:
-                yield fake
-            finally:
-                await fake.aclose()
-                await _stop(process)
-    finally:
-        await _stop(process)
+    command = [sys.executable, str(ROOT / "bench" / "fake_server.py")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    async with _listening_process(command, env, "the fake upstream") as (process, url, _):
+        fake = RemoteFake(process, int(url.rsplit(":", 1)[1]))
+        try:
+            yield fake
+        finally:
+            await fake.aclose()
 
 
 @asynccontextmanager
